@@ -1,0 +1,97 @@
+"""Storage backends: an fsspec filesystem plus the folder the store lives in.
+
+Each factory here is the ``_target_`` of one file in ``conf/backend/``. The store
+only ever sees a :class:`Backend`; it never knows which kind it is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import fsspec
+
+
+@dataclass
+class Backend:
+    """Where artifacts live.
+
+    name: the backend's config name (``local``, ``seaweedfs``, ``s3``).
+    fs: any fsspec filesystem.
+    root: the folder inside ``fs`` that holds ``models/``, ``prompts/``, ``results/``, ``runs/``.
+    location: a credential-free description (URL or path) for messages and manifests.
+    read_options: keyword arguments for ``fs.open(..., "rb")`` that stream best on this backend.
+    """
+
+    name: str
+    fs: Any
+    root: str
+    location: str
+    read_options: dict = field(default_factory=dict)
+    prepare_write: Callable[[], None] | None = None
+
+    def ensure_writable(self) -> None:
+        """Create what must exist before the first write (an S3 bucket, say); once."""
+        if self.prepare_write is not None:
+            self.prepare_write()
+            self.prepare_write = None
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts]) if self.root else "/".join(parts)
+
+
+def local(root: str, **_: Any) -> Backend:
+    """The embedded default: a folder on this machine, through fsspec's LocalFileSystem."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = os.path.abspath(os.path.expanduser(root))
+    fs = LocalFileSystem(auto_mkdir=True)
+    return Backend("local", fs, root, root, {"block_size": 8 * 1024 * 1024})
+
+
+def seaweedfs(filer_url: str, root: str = "", timeout: float = 60.0, **_: Any) -> Backend:
+    """A SeaweedFS filer over its HTTP API."""
+    fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, skip_instance_cache=True)
+    return Backend("seaweedfs", fs, root.strip("/"), f"{filer_url.rstrip('/')}/{root.strip('/')}", {"block_size": 0})
+
+
+def s3(
+    endpoint_url: str | None,
+    bucket: str,
+    root: str = "",
+    key: str | None = None,
+    secret: str | None = None,
+    region: str = "us-east-1",
+    create_bucket: bool = True,
+    connect_timeout: float = 5.0,
+    retries: int = 2,
+    **_: Any,
+) -> Backend:
+    """Any S3 service through s3fs (tested against SeaweedFS's ``weed s3`` gateway).
+
+    Credentials come from the arguments, else from the usual AWS environment
+    variables and files; they are never part of ``location``.
+    """
+    import s3fs
+
+    client_kwargs = {"region_name": region}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    fs = s3fs.S3FileSystem(
+        key=key or None,
+        secret=secret or None,
+        client_kwargs=client_kwargs,
+        config_kwargs={"connect_timeout": connect_timeout, "retries": {"max_attempts": retries}},
+        skip_instance_cache=True,
+    )
+    location = f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/")
+
+    def make_bucket() -> None:
+        if create_bucket and not fs.exists(bucket):
+            fs.mkdir(bucket)
+
+    return Backend(
+        "s3", fs, "/".join(p for p in (bucket, root.strip("/")) if p), location,
+        {"block_size": 16 * 1024 * 1024, "cache_type": "none"}, make_bucket,
+    )

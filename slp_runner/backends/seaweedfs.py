@@ -1,0 +1,335 @@
+"""fsspec filesystem for the SeaweedFS filer HTTP API.
+
+Registered as the ``seaweedfs`` protocol through the ``fsspec.specs`` entry point,
+so ``fsspec.filesystem("seaweedfs", filer_url="http://127.0.0.1:8888")`` works for
+any fsspec user. Paths are filer paths without the leading slash.
+
+The filer API used here (SeaweedFS 4.x):
+
+- ``PUT /path`` creates or overwrites a file (streamed body), ``?op=append`` appends;
+- ``GET /path`` reads a file, honouring ``Range``;
+- ``GET /path?metadata=true`` returns the entry as JSON (directories have bit 31 of
+  ``Mode`` set, like Go's ``os.ModeDir``);
+- ``GET /dir/`` with ``Accept: application/json`` lists, paged by ``lastFileName``;
+- ``POST /dir/`` creates a directory; ``DELETE /path[?recursive=true]`` removes;
+- ``POST /new?mv.from=/old`` renames atomically (overwriting ``/new``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from datetime import datetime
+from urllib.parse import quote
+
+import requests
+from fsspec.callbacks import DEFAULT_CALLBACK
+from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+
+_MODE_DIR = 1 << 31
+_LIST_PAGE = 1000
+_IO_CHUNK = 4 * 1024 * 1024
+
+
+class SeaweedFSFileSystem(AbstractFileSystem):
+    """A SeaweedFS filer seen as a filesystem.
+
+    Parameters
+    ----------
+    filer_url: base URL of the filer, e.g. ``http://127.0.0.1:8888``.
+    timeout: seconds to wait to connect and between bytes of a response.
+    """
+
+    protocol = ("seaweedfs",)
+    root_marker = ""
+
+    def __init__(self, filer_url: str = "http://127.0.0.1:8888", timeout: float = 60.0, **kwargs):
+        super().__init__(**kwargs)
+        self.filer_url = filer_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        path = str(path)
+        if path.startswith("seaweedfs://"):
+            path = path[len("seaweedfs://") :]
+        return path.strip("/")
+
+    def _url(self, path: str, trailing_slash: bool = False) -> str:
+        path = self._strip_protocol(path)
+        url = f"{self.filer_url}/{quote(path)}"
+        if trailing_slash and path:
+            url += "/"
+        return url
+
+    def _call(self, method: str, path: str, *, params=None, trailing_slash=False, ok=(), **kwargs):
+        """Send one request to the filer and map its failures to OSError subclasses."""
+        url = self._url(path, trailing_slash)
+        kwargs.setdefault("timeout", self.timeout)
+        try:
+            resp = self.session.request(method, url, params=params, **kwargs)
+        except requests.ConnectionError as exc:
+            raise ConnectionError(f"SeaweedFS filer unreachable at {self.filer_url}") from exc
+        except requests.Timeout as exc:
+            raise TimeoutError(f"SeaweedFS filer at {self.filer_url} timed out on {method} /{path}") from exc
+        if resp.status_code < 400 or resp.status_code in ok:
+            return resp
+        detail = _error_detail(resp)
+        resp.close()
+        where = f"/{self._strip_protocol(path)}"
+        if resp.status_code == 404:
+            raise FileNotFoundError(where)
+        if resp.status_code in (401, 403):
+            raise PermissionError(f"{where}: {detail}")
+        if resp.status_code == 409:
+            raise FileExistsError(where)
+        if resp.status_code == 416:
+            raise ValueError(f"{where}: range not satisfiable")
+        raise OSError(f"SeaweedFS filer {method} {where} failed ({resp.status_code}): {detail}")
+
+    # -- metadata -----------------------------------------------------------------
+
+    def _entry_to_info(self, entry: dict) -> dict:
+        is_dir = bool(int(entry.get("Mode", 0)) & _MODE_DIR)
+        return {
+            "name": self._strip_protocol(entry["FullPath"]),
+            "size": 0 if is_dir else int(entry.get("FileSize", 0)),
+            "type": "directory" if is_dir else "file",
+            "mtime": entry.get("Mtime"),
+            "created": entry.get("Crtime"),
+            "md5": entry.get("Md5"),
+        }
+
+    def info(self, path, **kwargs):
+        path = self._strip_protocol(path)
+        if path == "":
+            return {"name": "", "size": 0, "type": "directory"}
+        entry = self._call("GET", path, params={"metadata": "true"}).json()
+        return self._entry_to_info(entry)
+
+    def ls(self, path, detail=True, **kwargs):
+        path = self._strip_protocol(path)
+        info = self.info(path)
+        if info["type"] == "file":
+            return [info] if detail else [info["name"]]
+        out, last = [], ""
+        while True:
+            params = {"limit": _LIST_PAGE}
+            if last:
+                params["lastFileName"] = last
+            listing = self._call(
+                "GET", path, params=params, trailing_slash=True, headers={"Accept": "application/json"}
+            ).json()
+            entries = listing.get("Entries") or []
+            out.extend(self._entry_to_info(e) for e in entries)
+            if not listing.get("ShouldDisplayLoadMore") or not entries:
+                break
+            last = listing.get("LastFileName") or entries[-1]["FullPath"].rsplit("/", 1)[-1]
+        return out if detail else [o["name"] for o in out]
+
+    def modified(self, path):
+        return _parse_time(self.info(path)["mtime"])
+
+    def created(self, path):
+        return _parse_time(self.info(path)["created"])
+
+    # -- directories --------------------------------------------------------------
+
+    def mkdir(self, path, create_parents=True, **kwargs):
+        path = self._strip_protocol(path)
+        if not create_parents and not self.exists(self._parent(path)):
+            raise FileNotFoundError(self._parent(path))
+        self._call("POST", path, trailing_slash=True)
+
+    def makedirs(self, path, exist_ok=False):
+        if self.exists(path):
+            if not exist_ok:
+                raise FileExistsError(path)
+            return
+        self.mkdir(path)
+
+    def rmdir(self, path):
+        if self.ls(path, detail=False):
+            raise OSError(f"/{self._strip_protocol(path)}: directory not empty")
+        self._call("DELETE", path)
+
+    # -- files --------------------------------------------------------------------
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        headers = {}
+        if start is not None or end is not None:
+            size = self.size(path) if (start is not None and start < 0) or (end is not None and end < 0) else None
+            start = 0 if start is None else (size + start if start < 0 else start)
+            if end is None:
+                headers["Range"] = f"bytes={start}-"
+            else:
+                end = size + end if end < 0 else end
+                if end <= start:
+                    return b""
+                headers["Range"] = f"bytes={start}-{end - 1}"
+        resp = self._call("GET", path, headers=headers, ok=(416,))
+        if resp.status_code == 416:
+            return b""
+        return resp.content
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        if mode == "create" and self.exists(path):
+            raise FileExistsError(path)
+        self._call("PUT", path, data=value)
+
+    def put_file(self, lpath, rpath, callback=DEFAULT_CALLBACK, mode="overwrite", **kwargs):
+        if os.path.isdir(lpath):
+            self.makedirs(rpath, exist_ok=True)
+            return
+        if mode == "create" and self.exists(rpath):
+            raise FileExistsError(rpath)
+        with open(lpath, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            callback.set_size(size)
+            body = _CallbackReader(f, callback) if callback is not DEFAULT_CALLBACK else f
+            # A file object streams with a Content-Length, like `curl -T`.
+            self._call("PUT", rpath, data=body, headers={"Content-Length": str(size)})
+
+    def get_file(self, rpath, lpath, callback=DEFAULT_CALLBACK, outfile=None, **kwargs):
+        if self.isdir(rpath):
+            os.makedirs(lpath, exist_ok=True)
+            return
+        resp = self._call("GET", rpath, stream=True)
+        with resp:
+            callback.set_size(int(resp.headers.get("Content-Length", 0)) or None)
+            out = outfile if outfile is not None else open(lpath, "wb")
+            try:
+                for chunk in resp.iter_content(_IO_CHUNK):
+                    out.write(chunk)
+                    callback.relative_update(len(chunk))
+            finally:
+                if outfile is None:
+                    out.close()
+
+    def rm_file(self, path):
+        if not self.exists(path):
+            raise FileNotFoundError(path)
+        self._call("DELETE", path)
+
+    def _rm(self, path):
+        if self.isdir(path):
+            self._call("DELETE", path, params={"recursive": "true"})
+        else:
+            self.rm_file(path)
+
+    def rm(self, path, recursive=False, maxdepth=None):
+        paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
+        # Deepest first, so a recursive delete never finds its directory gone.
+        for p in sorted(paths, key=len, reverse=True):
+            if self.exists(p):
+                self._call("DELETE", p, params={"recursive": "true"} if recursive else None)
+
+    def mv(self, path1, path2, recursive=False, maxdepth=None, **kwargs):
+        """Rename on the filer: atomic, metadata only, overwrites ``path2``."""
+        if isinstance(path1, list) or isinstance(path2, list) or self._strip_protocol(path1) == self._strip_protocol(path2):
+            return super().mv(path1, path2, recursive=recursive, maxdepth=maxdepth, **kwargs)
+        src = self._strip_protocol(path1)
+        if not self.exists(src):
+            raise FileNotFoundError(src)
+        self._call("POST", path2, params={"mv.from": "/" + src})
+
+    def cp_file(self, path1, path2, **kwargs):
+        if self.isdir(path1):
+            self.makedirs(path2, exist_ok=True)
+            return
+        resp = self._call("GET", path1, stream=True)
+        with resp:
+            length = resp.headers.get("Content-Length")
+            headers = {"Content-Length": length} if length else {}
+            self._call("PUT", path2, data=resp.raw, headers=headers)
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        if mode == "xb":
+            if self.exists(path):
+                raise FileExistsError(path)
+            mode = "wb"
+        if mode == "rb" and block_size == 0:
+            resp = self._call("GET", path, stream=True)
+            return io.BufferedReader(_ResponseStream(resp), buffer_size=_IO_CHUNK)
+        return SeaweedFSFile(
+            self, path, mode=mode, block_size=block_size or _IO_CHUNK, autocommit=autocommit,
+            cache_options=cache_options, **kwargs,
+        )
+
+
+class SeaweedFSFile(AbstractBufferedFile):
+    """Random-access reads through ``Range``; writes stream out as appends."""
+
+    def _fetch_range(self, start, end):
+        if end <= start:
+            return b""
+        resp = self.fs._call("GET", self.path, headers={"Range": f"bytes={start}-{end - 1}"}, ok=(416,))
+        return b"" if resp.status_code == 416 else resp.content
+
+    def _initiate_upload(self):
+        self.fs._call("PUT", self.path, data=b"")
+
+    def _upload_chunk(self, final=False):
+        data = self.buffer.getvalue()
+        if data:
+            self.fs._call("POST", self.path, params={"op": "append"}, data=data)
+        return True
+
+
+class _ResponseStream(io.RawIOBase):
+    """A streamed HTTP response body as a raw, read-only file."""
+
+    def __init__(self, resp: requests.Response):
+        self._resp = resp
+        self._raw = resp.raw
+        self._raw.decode_content = True
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        data = self._raw.read(len(b))
+        n = len(data)
+        b[:n] = data
+        return n
+
+    def close(self):
+        if not self.closed:
+            self._resp.close()
+        super().close()
+
+
+class _CallbackReader:
+    """Wrap a file so each read reports progress to an fsspec callback."""
+
+    def __init__(self, f, callback):
+        self._f = f
+        self._callback = callback
+
+    def read(self, n=-1):
+        data = self._f.read(n)
+        self._callback.relative_update(len(data))
+        return data
+
+    def __len__(self):
+        return os.fstat(self._f.fileno()).st_size
+
+
+def _error_detail(resp: requests.Response) -> str:
+    try:
+        return str(resp.json().get("error", "")) or resp.reason
+    except ValueError:
+        return (resp.text or resp.reason or "").strip()[:200]
+
+
+def _parse_time(value: str | None) -> datetime:
+    if not value:
+        raise ValueError("no timestamp")
+    # Go's RFC3339Nano: trim nanoseconds to microseconds for fromisoformat.
+    head, _, frac = value.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00" if frac else f"{head}+00:00")

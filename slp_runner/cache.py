@@ -1,0 +1,138 @@
+"""The verified local cache that every get goes through.
+
+Layout mirrors the backend (``<cache>/models/<hash>.gguf``), so a cached model is a
+plain GGUF path llama-server can load. Beside each object, ``<name>.verified``
+records the size, mtime and inode seen at the last full BLAKE3 check: a hit whose
+stat still matches is trusted without reading the file (microseconds for a
+multi-GB model); anything else is re-hashed, and a mismatch is thrown away and
+fetched again.
+
+Downloads stream into a temporary file in the same folder while they are hashed
+and are renamed into place only when the hash matches. A per-object file lock
+makes concurrent gets of one hash (threads or processes) download it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import orjson
+from filelock import FileLock
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
+
+from .artifacts import ArtifactKind
+from .errors import IntegrityError
+from .hashing import CHUNK, StreamHasher, hash_file, validate_oid
+from .manifest import utc_now
+from .store import ArtifactStore, backend_errors
+
+
+@dataclass
+class CacheGet:
+    path: str
+    oid: str
+    size: int
+    cache_hit: bool
+    validation: str  # "stat", "rehash" (hit) or "download" (miss)
+    seconds: float
+    repaired: bool = False  # a corrupted entry was found and fetched again
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.size / (1024 * 1024) / self.seconds if self.seconds > 0 else 0.0
+
+
+class LocalCache:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    def path_for(self, kind: ArtifactKind, oid: str) -> str:
+        return os.path.join(self.root, kind.object_name(oid))
+
+    def get(
+        self,
+        store: ArtifactStore,
+        kind: ArtifactKind,
+        oid: str,
+        *,
+        full_verify: bool = False,
+        callback: Callback = DEFAULT_CALLBACK,
+    ) -> CacheGet:
+        """Return a local, verified copy of ``oid``, downloading it only if needed."""
+        validate_oid(oid)
+        path = self.path_for(kind, oid)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        t0 = time.perf_counter()
+        with FileLock(path + ".lock"):
+            repaired = False
+            if os.path.exists(path):
+                how = self._validate(path, oid, full_verify)
+                if how:
+                    st = os.stat(path)
+                    return CacheGet(path, oid, st.st_size, True, how, time.perf_counter() - t0)
+                repaired = True
+                self._evict(path)
+            store.require(kind, oid)
+            size = self._download(store, kind, oid, path, callback)
+            return CacheGet(path, oid, size, False, "download", time.perf_counter() - t0, repaired)
+
+    def _validate(self, path: str, oid: str, full_verify: bool) -> str | None:
+        """``stat`` or ``rehash`` when the entry is good, None when it is corrupt."""
+        st = os.stat(path)
+        if not full_verify and self._read_record(path) == _stat_key(st):
+            return "stat"
+        if hash_file(path).blake3 != oid:
+            return None
+        self._write_record(path, os.stat(path))
+        return "rehash"
+
+    def _download(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, callback: Callback) -> int:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{oid[:16]}.", suffix=".part")
+        try:
+            hasher = StreamHasher()
+            with os.fdopen(fd, "wb") as out, store.open_object(kind, oid) as src:
+                with backend_errors(store.backend, f"downloading {oid}"):
+                    while chunk := src.read(CHUNK):
+                        hasher.update(chunk)
+                        out.write(chunk)
+                        callback.relative_update(len(chunk))
+            got = hasher.digest()
+            if got.blake3 != oid:
+                raise IntegrityError(
+                    f"download of {kind.name} {oid} from {store.backend.location} hashed to {got.blake3}; discarded"
+                )
+            os.chmod(tmp, 0o444)  # cache entries are read-only: edits would break the address
+            os.replace(tmp, path)
+            self._write_record(path, os.stat(path))
+            return got.size
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _evict(self, path: str) -> None:
+        for p in (path, path + ".verified"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    def _read_record(self, path: str):
+        try:
+            with open(path + ".verified", "rb") as f:
+                return orjson.loads(f.read()).get("stat")
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+
+    def _write_record(self, path: str, st: os.stat_result) -> None:
+        data = orjson.dumps({"stat": _stat_key(st), "verified_at": utc_now(), "algorithm": "BLAKE3"})
+        tmp = f"{path}.verified.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path + ".verified")
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino]

@@ -1,0 +1,150 @@
+"""The ``slp`` command: Hydra at the edge, plain functions behind it.
+
+    slp task=put_model model.path=gemma.gguf model.name=gemma3-270m
+    slp task=get_model hash=<blake3> out=model.gguf backend=seaweedfs
+    slp task=put_prompts prompts.path=prompts.jsonl backend=s3
+
+Errors a user can cause print one line, ``slp: error: ...``, and exit 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from . import commands
+from .artifacts import MODEL, PROMPTS, RESULTS, KINDS, kind_named
+from .backends import Backend
+from .cache import LocalCache
+from .errors import ConfigError, SlpError
+from .store import ArtifactStore
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def build_backend(cfg: DictConfig) -> Backend:
+    if "_target_" not in cfg.backend:
+        raise ConfigError("backend config has no _target_")
+    return instantiate(cfg.backend, _convert_="all")
+
+
+def build_store(cfg: DictConfig) -> ArtifactStore:
+    return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload)
+
+
+def _provenance(cfg: DictConfig) -> dict[str, Any]:
+    prov = cfg.get("provenance") or {}
+    return OmegaConf.to_container(prov, resolve=True) if isinstance(prov, DictConfig) else dict(prov)
+
+
+def _need(value: Any, what: str) -> Any:
+    if value in (None, ""):
+        raise ConfigError(f"missing {what}")
+    return value
+
+
+def _put(kind_cfg_key: str | None, kind_fixed=None) -> Callable[[DictConfig], Any]:
+    def run(cfg: DictConfig):
+        store = build_store(cfg)
+        if kind_fixed is not None:
+            section = cfg[kind_cfg_key]
+            path = _need(section.path, f"{kind_cfg_key}.path=<file>")
+            return commands.put(store, kind_fixed, path, name=section.get("name"), source=section.get("source"),
+                                provenance=_provenance(cfg), sha256=cfg.sha256, progress=cfg.progress)
+        kind = kind_named(_need(cfg.kind, "kind=<" + "|".join(KINDS) + ">"))
+        path = _need(cfg.path, "path=<file>")
+        return commands.put(store, kind, path, provenance=_provenance(cfg), sha256=cfg.sha256, progress=cfg.progress)
+
+    return run
+
+
+def _get(kind_fixed=None) -> Callable[[DictConfig], Any]:
+    def run(cfg: DictConfig):
+        oid = _need(cfg.hash, "hash=<blake3>")
+        kind = kind_fixed or (kind_named(cfg.kind) if cfg.kind else None)
+        return commands.get(build_store(cfg), LocalCache(cfg.cache_dir), kind, str(oid), dest=cfg.out,
+                            full_verify=cfg.full_verify, progress=cfg.progress)
+
+    return run
+
+
+def _show(cfg: DictConfig):
+    kind = kind_named(cfg.kind) if cfg.kind else None
+    return commands.show(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>")))
+
+
+def _verify(cfg: DictConfig):
+    kind = kind_named(cfg.kind) if cfg.kind else None
+    if not commands.verify(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>"))):
+        raise SystemExit(1)
+
+
+def _ls(cfg: DictConfig):
+    kinds = [kind_named(cfg.kind)] if cfg.kind else [MODEL, PROMPTS, RESULTS]
+    return commands.list_artifacts(build_store(cfg), kinds)
+
+
+TASKS: dict[str, Callable[[DictConfig], Any]] = {
+    "put_model": _put("model", MODEL),
+    "get_model": _get(MODEL),
+    "put_prompts": _put("prompts", PROMPTS),
+    "get_prompts": _get(PROMPTS),
+    "put": _put(None),
+    "get": _get(),
+    "show": _show,
+    "verify": _verify,
+    "ls": _ls,
+}
+
+
+def run_task(cfg: DictConfig) -> Any:
+    """Run the task a composed config names (callable from tests without Hydra's main)."""
+    task = cfg.get("task")
+    if not task:
+        raise ConfigError(f"no task given: add task=<{'|'.join(TASKS)}>")
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+    return TASKS[task](cfg)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_task(cfg)
+    except SlpError as exc:
+        print(f"slp: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("slp: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Name an unknown config choice (``backend=nope``) in one line, before Hydra's page of text."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or "." in key or "/" in key or not value or "," in value:
+            continue
+        group_dir = os.path.join(CONF_DIR, key)
+        if os.path.isdir(group_dir) and not os.path.exists(os.path.join(group_dir, f"{value}.yaml")):
+            choices = sorted(f[:-5] for f in os.listdir(group_dir) if f.endswith(".yaml"))
+            raise ConfigError(f"unknown {key} {value!r} (choose from {', '.join(choices)})")
+
+
+def main() -> None:
+    try:
+        check_group_choices(sys.argv[1:])
+    except SlpError as exc:
+        print(f"slp: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

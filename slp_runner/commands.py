@@ -1,0 +1,153 @@
+"""The seed's store tools as plain functions: put a file, get by hash, inspect, verify.
+
+They take a store, a cache and plain values (never a DictConfig) and print what
+happened the way slp_put_model and slp_get_model did: hash, size, uploaded or
+deduplicated, MiB/s, verification. The last line of each is machine-readable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from typing import Any, Callable, TextIO
+
+from fsspec.callbacks import DEFAULT_CALLBACK, TqdmCallback
+
+from .artifacts import ArtifactKind
+from .cache import CacheGet, LocalCache
+from .errors import InputError
+from .hashing import validate_oid
+from .store import ArtifactStore, PutResult
+
+MiB = 1024 * 1024
+PROGRESS_MIN_BYTES = 16 * MiB
+
+
+def progress_callback(enabled: bool | str, total: int | None, desc: str):
+    """A tqdm progress bar on stderr for large transfers (``auto``: only on a terminal)."""
+    if enabled == "auto":
+        enabled = sys.stderr.isatty()
+    if not enabled or (total is not None and total < PROGRESS_MIN_BYTES):
+        return DEFAULT_CALLBACK
+    return TqdmCallback(tqdm_kwargs={"desc": desc, "unit": "B", "unit_scale": True, "unit_divisor": 1024,
+                                     "file": sys.stderr, "leave": False})
+
+
+def put(
+    store: ArtifactStore,
+    kind: ArtifactKind,
+    path: str,
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    provenance: dict[str, Any] | None = None,
+    sha256: bool = False,
+    progress: bool | str = "auto",
+    out: TextIO = sys.stdout,
+) -> PutResult:
+    say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
+    size = os.path.getsize(path) if os.path.isfile(path) else None
+    say(f"Uploading {kind.name}: {os.path.basename(path)}")
+    if size is not None:
+        say(f"Size: {size / MiB:.1f} MiB ({size} bytes)")
+    cb = progress_callback(progress, size, f"put {kind.name}")
+    with cb if cb is not DEFAULT_CALLBACK else contextlib.nullcontext():
+        result = store.put(path, kind, name=name, source=source, provenance=provenance, sha256=sha256,
+                           tool=f"slp put_{kind.name}", callback=cb)
+    say(f"Hash (BLAKE3): {result.oid} ({result.hash_seconds:.2f} s)")
+    if result.sha256:
+        say(f"SHA256: {result.sha256}")
+    label = name or os.path.basename(path)
+    if not result.uploaded:
+        say(f"Artifact already exists (hash={result.oid})")
+        say("Skipped upload (deduplication)")
+        say(f"deduplicated {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")
+        return result
+    say(f"Upload complete: {result.seconds:.2f} s ({result.mib_per_s:.1f} MiB/s)")
+    say(f"Manifest created: {store.manifest_path(kind, result.oid)}")
+    say(f"Verification: OK ({result.verification})")
+    say(f"uploaded {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")
+    return result
+
+
+def get(
+    store: ArtifactStore,
+    cache: LocalCache,
+    kind: ArtifactKind | None,
+    oid: str,
+    *,
+    dest: str | None = None,
+    full_verify: bool = False,
+    progress: bool | str = "auto",
+    out: TextIO = sys.stdout,
+) -> CacheGet:
+    """Fetch ``oid`` through the verified cache; copy it to ``dest`` if given."""
+    say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
+    validate_oid(oid)
+    kind = kind or store.find_kind(oid)
+    cb = progress_callback(progress, None, f"get {kind.name}")
+    with cb if cb is not DEFAULT_CALLBACK else contextlib.nullcontext():
+        got = cache.get(store, kind, oid, full_verify=full_verify, callback=cb)
+    if got.repaired:
+        say(f"Cache entry for {oid} was corrupt: removed and fetched again")
+    if got.cache_hit:
+        say(f"Local cache hit: {got.path} ({got.seconds * 1000:.1f} ms, validated by {got.validation})")
+    else:
+        say(f"Downloaded {got.size / MiB:.1f} MiB in {got.seconds:.2f} s ({got.mib_per_s:.1f} MiB/s)")
+        say("Hash verified: OK (BLAKE3)")
+    path = got.path
+    if dest:
+        path = materialize(got.path, dest)
+        say(f"Wrote {path}")
+    say(f"{'cached' if got.cache_hit else 'fetched'} {kind.name} hash={oid} size={got.size} path={path}")
+    return got
+
+
+def materialize(cached: str, dest: str) -> str:
+    """Copy a cache entry to ``dest`` atomically (a folder gets the cache file name)."""
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(cached))
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):
+        raise InputError(f"{parent}: output folder does not exist")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slp-", suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(cached, tmp)  # copy_file_range / sendfile on Linux
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return dest
+
+
+def show(store: ArtifactStore, kind: ArtifactKind | None, oid: str, out: TextIO = sys.stdout) -> dict:
+    from .manifest import dumps
+
+    validate_oid(oid)
+    kind = kind or store.find_kind(oid)
+    manifest = store.read_manifest(kind, oid)
+    out.write(dumps(manifest).decode())
+    return manifest
+
+
+def verify(store: ArtifactStore, kind: ArtifactKind | None, oid: str, out: TextIO = sys.stdout) -> bool:
+    validate_oid(oid)
+    kind = kind or store.find_kind(oid)
+    check = store.verify(kind, oid)
+    print(f"{'OK' if check.ok else 'FAILED'} {kind.name} {oid} {check.detail}", file=out)
+    return check.ok
+
+
+def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], out: TextIO = sys.stdout) -> list[dict]:
+    rows = []
+    for kind in kinds:
+        for obj in store.list(kind):
+            rows.append({"kind": kind.name, **obj})
+            print(f"{kind.name:8} {obj['oid']} {obj['size']:>14}", file=out)
+    return rows

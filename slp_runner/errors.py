@@ -1,0 +1,57 @@
+"""Errors a user of slp-runner can see.
+
+Every error here is meant to be shown as a single line that names the culprit
+(a hash, a path, a URL, a line number), so the CLI prints ``str(exc)`` and exits
+non-zero without a traceback::
+
+    SlpError
+    ├── InvalidHash          a hash that is not 64 lowercase hex characters
+    ├── InputError           a local input that cannot be used
+    │   ├── NotGGUF          a "model" whose magic bytes are not GGUF
+    │   └── BadJSONL         a JSONL line that is not a JSON object (with line number)
+    ├── ArtifactNotFound     no object under that hash in the backend
+    ├── IntegrityError       bytes whose BLAKE3 does not match the expected hash
+    ├── BackendError         the backend failed or cannot be reached (names the URL)
+    └── ConfigError          an unknown backend, task or missing setting
+
+Backend modules raise built-in ``OSError`` subclasses, as fsspec filesystems do;
+the store turns those into the errors above at its edge.
+"""
+
+from __future__ import annotations
+
+
+class SlpError(Exception):
+    """Base class of every error slp-runner reports to a user."""
+
+
+class InvalidHash(SlpError, ValueError):
+    pass
+
+
+class InputError(SlpError):
+    pass
+
+
+class NotGGUF(InputError):
+    pass
+
+
+class BadJSONL(InputError):
+    pass
+
+
+class ArtifactNotFound(SlpError, FileNotFoundError):
+    pass
+
+
+class IntegrityError(SlpError):
+    pass
+
+
+class BackendError(SlpError):
+    pass
+
+
+class ConfigError(SlpError):
+    pass

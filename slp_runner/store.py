@@ -1,0 +1,295 @@
+"""The content-addressed artifact store, over any :class:`~slp_runner.backends.Backend`.
+
+Invariant: nothing is ever visible under ``<kind>/<hash>`` whose bytes do not hash
+to ``<hash>``. Uploads go to ``.incoming/`` under a unique name, are checked
+(size, or a full re-read and re-hash), and only then renamed into place; the
+manifest follows the same way. Readers never see a partial object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
+
+from . import manifest as manifests
+from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
+from .backends import Backend
+from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
+from .gguf_header import read_gguf_metadata
+from .hashing import CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
+from .jsonl import count_prompt_records
+
+VERIFY_MODES = ("size", "rehash")
+INCOMING = ".incoming"
+
+
+@dataclass
+class PutResult:
+    kind: ArtifactKind
+    oid: str
+    size: int
+    uploaded: bool  # False: the object was already there (deduplicated)
+    seconds: float  # upload time (0 when deduplicated)
+    hash_seconds: float
+    verification: str
+    manifest: dict[str, Any]
+    object_path: str
+    sha256: str | None = None
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.size / (1024 * 1024) / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class ObjectCheck:
+    kind: ArtifactKind
+    oid: str
+    ok: bool
+    detail: str
+    size: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def backend_errors(backend: Backend, what: str) -> Iterator[None]:
+    """Turn whatever a backend raises into one SlpError line naming the backend."""
+    try:
+        yield
+    except SlpError:
+        raise
+    except FileNotFoundError:
+        raise
+    except ConnectionError as exc:
+        raise BackendError(f"{backend.name} backend unreachable at {backend.location} ({what})") from exc
+    except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "connect" in msg.lower() or "endpoint" in msg.lower():
+            raise BackendError(f"{backend.name} backend unreachable at {backend.location} ({what})") from exc
+        raise BackendError(f"{backend.name} backend at {backend.location}: {what} failed: {msg}") from exc
+
+
+class ArtifactStore:
+    """Put and read artifacts by BLAKE3 hash on one backend.
+
+    verify_upload: ``size`` compares the stored size with the local file's (and
+    that the local file did not change while it was sent); ``rehash`` reads the
+    stored object back and hashes it before it is published.
+    """
+
+    def __init__(self, backend: Backend, verify_upload: str = "size"):
+        if verify_upload not in VERIFY_MODES:
+            raise ConfigError(f"unknown upload verification {verify_upload!r} (choose from {', '.join(VERIFY_MODES)})")
+        self.backend = backend
+        self.fs = backend.fs
+        self.verify_upload = verify_upload
+
+    # -- addressing ---------------------------------------------------------------
+
+    def object_path(self, kind: ArtifactKind, oid: str) -> str:
+        return self.backend.path(kind.object_name(oid))
+
+    def manifest_path(self, kind: ArtifactKind, oid: str) -> str:
+        return self.backend.path(kind.manifest_name(oid))
+
+    def exists(self, kind: ArtifactKind, oid: str) -> bool:
+        path = self.object_path(kind, oid)
+        with backend_errors(self.backend, f"checking {path}"):
+            return self.fs.exists(path)
+
+    def find_kind(self, oid: str) -> ArtifactKind:
+        """The kind under which ``oid`` is stored; ArtifactNotFound if under none."""
+        validate_oid(oid)
+        for kind in KINDS.values():
+            if self.exists(kind, oid):
+                return kind
+        raise ArtifactNotFound(f"no artifact with hash {oid} in {self.backend.name} backend at {self.backend.location}")
+
+    def require(self, kind: ArtifactKind, oid: str) -> None:
+        if not self.exists(kind, oid):
+            raise ArtifactNotFound(
+                f"no {kind.name} with hash {oid} in {self.backend.name} backend at {self.backend.location}"
+            )
+
+    # -- writing ------------------------------------------------------------------
+
+    def put(
+        self,
+        local_path: str,
+        kind: ArtifactKind,
+        *,
+        name: str | None = None,
+        source: str | None = None,
+        provenance: dict[str, Any] | None = None,
+        sha256: bool = False,
+        tool: str = "slp put",
+        callback: Callback = DEFAULT_CALLBACK,
+    ) -> PutResult:
+        """Store a local file under its hash, with a manifest; skip the upload if present."""
+        local_path = os.fspath(local_path)
+        if not os.path.exists(local_path):
+            raise InputError(f"{local_path}: no such file")
+        if not os.path.isfile(local_path):
+            raise InputError(f"{local_path}: not a regular file")
+        metadata = self._inspect(local_path, kind)
+
+        before = os.stat(local_path)
+        t0 = time.perf_counter()
+        digest = hash_file(local_path, sha256=sha256)
+        hash_seconds = time.perf_counter() - t0
+        oid = digest.blake3
+        final = self.object_path(kind, oid)
+        mpath = self.manifest_path(kind, oid)
+
+        with backend_errors(self.backend, f"storing {final}"):
+            self.backend.ensure_writable()
+            if self.fs.exists(final):
+                existing = self._read_manifest_or_none(kind, oid)
+                if existing is None:  # an earlier put stopped between object and manifest
+                    existing = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, "existing")
+                    self._publish_bytes(manifests.dumps(existing), mpath)
+                return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final, digest.sha256)
+
+            t1 = time.perf_counter()
+            tmp = self._incoming_name(oid)
+            try:
+                self.fs.put_file(local_path, tmp, callback=callback)
+                self._check_unchanged(local_path, before)
+                verification = self._verify_stored(tmp, digest)
+                self.fs.mv(tmp, final)
+            except BaseException:
+                self._discard(tmp)
+                raise
+            seconds = time.perf_counter() - t1
+            record = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, verification)
+            self._publish_bytes(manifests.dumps(record), mpath)
+        return PutResult(kind, oid, digest.size, True, seconds, hash_seconds, verification, record, final, digest.sha256)
+
+    def put_bytes(self, data: bytes, path: str) -> None:
+        """Publish small bytes (run files) at ``path`` relative to the backend root, atomically."""
+        with backend_errors(self.backend, f"writing {path}"):
+            self.backend.ensure_writable()
+            self._publish_bytes(data, self.backend.path(path))
+
+    def _inspect(self, local_path: str, kind: ArtifactKind) -> dict[str, Any]:
+        if kind is MODEL:
+            return read_gguf_metadata(local_path)
+        if kind is PROMPTS:
+            return {"record_count": count_prompt_records(local_path)}
+        return {}
+
+    def _new_manifest(self, kind, digest, local_path, name, source, provenance, tool, metadata, verification):
+        prov = dict(provenance or {})
+        if name:
+            prov.setdefault("name", name)
+        return manifests.build_manifest(
+            kind,
+            digest,
+            file_name=os.path.basename(local_path),
+            source=source or os.path.abspath(local_path),
+            tool=tool,
+            verification=verification,
+            verified_at=manifests.utc_now(),
+            metadata=metadata,
+            provenance=prov,
+        )
+
+    def _incoming_name(self, oid: str) -> str:
+        return self.backend.path(INCOMING, f"{oid}.{uuid.uuid4().hex}.part")
+
+    def _check_unchanged(self, local_path: str, before: os.stat_result) -> None:
+        after = os.stat(local_path)
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+            raise IntegrityError(f"{local_path} changed while it was being stored; nothing was published")
+
+    def _verify_stored(self, path: str, digest: FileDigest) -> str:
+        size = self.fs.info(path)["size"]
+        if size != digest.size:
+            raise IntegrityError(f"stored size {size} != local size {digest.size} for {digest.blake3}; nothing was published")
+        if self.verify_upload == "size":
+            return "size"
+        got = self._hash_remote(path)
+        if got.blake3 != digest.blake3:
+            raise IntegrityError(f"stored bytes hash to {got.blake3}, expected {digest.blake3}; nothing was published")
+        return "rehash"
+
+    def _publish_bytes(self, data: bytes, final: str) -> None:
+        tmp = self.backend.path(INCOMING, f"{uuid.uuid4().hex}.part")
+        try:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            self._discard(tmp)
+            raise
+
+    def _discard(self, path: str) -> None:
+        with contextlib.suppress(Exception):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+
+    # -- reading ------------------------------------------------------------------
+
+    def open_object(self, kind: ArtifactKind, oid: str):
+        """A streaming binary file of the stored object (raises ArtifactNotFound)."""
+        path = self.object_path(kind, oid)
+        with backend_errors(self.backend, f"reading {path}"):
+            try:
+                return self.fs.open(path, "rb", **self.backend.read_options)
+            except FileNotFoundError:
+                raise ArtifactNotFound(
+                    f"no {kind.name} with hash {oid} in {self.backend.name} backend at {self.backend.location}"
+                ) from None
+
+    def read_manifest(self, kind: ArtifactKind, oid: str) -> dict[str, Any]:
+        found = self._read_manifest_or_none(kind, oid)
+        if found is None:
+            raise ArtifactNotFound(f"no manifest for {kind.name} {oid} in {self.backend.name} backend at {self.backend.location}")
+        return found
+
+    def _read_manifest_or_none(self, kind: ArtifactKind, oid: str) -> dict[str, Any] | None:
+        path = self.manifest_path(kind, oid)
+        with backend_errors(self.backend, f"reading {path}"):
+            try:
+                return manifests.loads(self.fs.cat_file(path))
+            except FileNotFoundError:
+                return None
+
+    def _hash_remote(self, path: str) -> FileDigest:
+        hasher = StreamHasher()
+        with self.fs.open(path, "rb", **self.backend.read_options) as f:
+            while chunk := f.read(CHUNK):
+                hasher.update(chunk)
+        return hasher.digest()
+
+    def verify(self, kind: ArtifactKind, oid: str) -> ObjectCheck:
+        """Re-read a stored object and compare its BLAKE3 with its name."""
+        validate_oid(oid)
+        path = self.object_path(kind, oid)
+        with backend_errors(self.backend, f"verifying {path}"):
+            if not self.fs.exists(path):
+                return ObjectCheck(kind, oid, False, "missing")
+            got = self._hash_remote(path)
+        if got.blake3 != oid:
+            return ObjectCheck(kind, oid, False, f"corrupt: bytes hash to {got.blake3}", got.size)
+        return ObjectCheck(kind, oid, True, "ok", got.size)
+
+    def list(self, kind: ArtifactKind) -> list[dict[str, Any]]:
+        """Objects of a kind: ``{"oid", "size"}`` per stored object."""
+        folder = self.backend.path(kind.folder)
+        with backend_errors(self.backend, f"listing {folder}"):
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return []
+        out = []
+        for e in entries:
+            base = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(kind.suffix) and not base.endswith(".manifest.json"):
+                out.append({"oid": base[: -len(kind.suffix)], "size": e.get("size", 0)})
+        return sorted(out, key=lambda d: d["oid"])
