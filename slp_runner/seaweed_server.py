@@ -91,7 +91,7 @@ class SeaweedServer:
         p = self.ports
         return [
             weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}/data",
-            f"-master.port={p.master}", f"-volume.port={p.volume}", "-volume.max=0",
+            f"-master.port={p.master}", f"-volume.port={p.volume}", "-volume.max=0", "-volume.preStopSeconds=0",
             "-master.volumeSizeLimitMB=1024", "-filer", f"-filer.port={p.filer}",
             "-s3", f"-s3.port={p.s3}", f"-s3.config={self.data_dir}/s3.json",
             "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -141,6 +141,8 @@ class SeaweedServer:
         raise TimeoutError(f"SeaweedFS not healthy after {timeout:.0f}s ({last}); see {self.data_dir}/weed.log")
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Stop weed; its filer may take 15 s to drain gRPC, so a throwaway test
+        server is stopped with a short ``timeout`` and then killed."""
         if self.proc is None:
             return
         stop_process(self.proc.pid, timeout)

@@ -191,14 +191,21 @@ class SeaweedFSFileSystem(AbstractFileSystem):
         with open(lpath, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             callback.set_size(size)
+            if size == 0:
+                self._call("PUT", rpath, data=b"")
+                return
             body = _CallbackReader(f, callback) if callback is not DEFAULT_CALLBACK else f
             # A file object streams with a Content-Length, like `curl -T`.
             self._call("PUT", rpath, data=body, headers={"Content-Length": str(size)})
 
     def get_file(self, rpath, lpath, callback=DEFAULT_CALLBACK, outfile=None, **kwargs):
-        if self.isdir(rpath):
+        if hasattr(lpath, "write"):
+            outfile = lpath
+        elif self.isdir(rpath):
             os.makedirs(lpath, exist_ok=True)
             return
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)
         resp = self._call("GET", rpath, stream=True)
         with resp:
             callback.set_size(int(resp.headers.get("Content-Length", 0)) or None)
@@ -223,6 +230,11 @@ class SeaweedFSFileSystem(AbstractFileSystem):
             self.rm_file(path)
 
     def rm(self, path, recursive=False, maxdepth=None):
+        if isinstance(path, str) and recursive and maxdepth is None and not self._has_magic(path):
+            if not self.exists(path):
+                raise FileNotFoundError(path)
+            self._call("DELETE", path, params={"recursive": "true"})  # one request for a whole tree
+            return
         paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
         # Deepest first, so a recursive delete never finds its directory gone.
         for p in sorted(paths, key=len, reverse=True):
@@ -244,9 +256,8 @@ class SeaweedFSFileSystem(AbstractFileSystem):
             return
         resp = self._call("GET", path1, stream=True)
         with resp:
-            length = resp.headers.get("Content-Length")
-            headers = {"Content-Length": length} if length else {}
-            self._call("PUT", path2, data=resp.raw, headers=headers)
+            # A generator body goes out with chunked transfer encoding: nothing is buffered.
+            self._call("PUT", path2, data=resp.iter_content(_IO_CHUNK))
 
     def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
         if mode == "xb":
@@ -260,6 +271,11 @@ class SeaweedFSFileSystem(AbstractFileSystem):
             self, path, mode=mode, block_size=block_size or _IO_CHUNK, autocommit=autocommit,
             cache_options=cache_options, **kwargs,
         )
+
+
+    @staticmethod
+    def _has_magic(path: str) -> bool:
+        return any(c in path for c in "*?[")
 
 
 class SeaweedFSFile(AbstractBufferedFile):
@@ -277,7 +293,7 @@ class SeaweedFSFile(AbstractBufferedFile):
     def _upload_chunk(self, final=False):
         data = self.buffer.getvalue()
         if data:
-            self.fs._call("POST", self.path, params={"op": "append"}, data=data)
+            self.fs._call("PUT", self.path, params={"op": "append"}, data=data)
         return True
 
 

