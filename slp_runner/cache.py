@@ -65,8 +65,10 @@ class LocalCache:
         """Return a local, verified copy of ``oid``, downloading it only if needed."""
         validate_oid(oid)
         path = self.path_for(kind, oid)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         t0 = time.perf_counter()
+        if not os.path.exists(path):
+            store.require(kind, oid)  # before anything is created here for a hash nobody has
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with FileLock(path + ".lock"):
             repaired = False
             if os.path.exists(path):
@@ -76,7 +78,6 @@ class LocalCache:
                     return CacheGet(path, oid, st.st_size, True, how, time.perf_counter() - t0)
                 repaired = True
                 self._evict(path)
-            store.require(kind, oid)
             size = self._download(store, kind, oid, path, callback)
             return CacheGet(path, oid, size, False, "download", time.perf_counter() - t0, repaired)
 

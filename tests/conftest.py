@@ -26,11 +26,11 @@ def seaweed(tmp_path_factory):
 def make_backend(name: str, seaweed: SeaweedServer | None, tmp_path) -> backends.Backend:
     prefix = f"t-{uuid.uuid4().hex[:12]}"
     if name == "local":
-        return backends.local(root=str(tmp_path / "store"))
+        return backends.local_backend(root=str(tmp_path / "store"))
     if name == "seaweedfs":
-        return backends.seaweedfs(filer_url=seaweed.filer_url, root=prefix)
+        return backends.seaweedfs_backend(filer_url=seaweed.filer_url, root=prefix)
     if name == "s3":
-        return backends.s3(endpoint_url=seaweed.s3_url, bucket="slp-test", root=prefix,
+        return backends.s3_backend(endpoint_url=seaweed.s3_url, bucket="slp-test", root=prefix,
                            key=seaweed.access_key, secret=seaweed.secret_key)
     raise ValueError(name)
 

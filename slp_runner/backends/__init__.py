@@ -41,7 +41,7 @@ class Backend:
         return "/".join([self.root.rstrip("/"), *parts]) if self.root else "/".join(parts)
 
 
-def local(root: str, **_: Any) -> Backend:
+def local_backend(root: str, **_: Any) -> Backend:
     """The embedded default: a folder on this machine, through fsspec's LocalFileSystem."""
     from fsspec.implementations.local import LocalFileSystem
 
@@ -50,13 +50,13 @@ def local(root: str, **_: Any) -> Backend:
     return Backend("local", fs, root, root, {"block_size": 8 * 1024 * 1024})
 
 
-def seaweedfs(filer_url: str, root: str = "", timeout: float = 60.0, **_: Any) -> Backend:
+def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, **_: Any) -> Backend:
     """A SeaweedFS filer over its HTTP API."""
     fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, skip_instance_cache=True)
     return Backend("seaweedfs", fs, root.strip("/"), f"{filer_url.rstrip('/')}/{root.strip('/')}", {"block_size": 0})
 
 
-def s3(
+def s3_backend(
     endpoint_url: str | None,
     bucket: str,
     root: str = "",

@@ -112,6 +112,14 @@ class SeaweedFSFileSystem(AbstractFileSystem):
         entry = self._call("GET", path, params={"metadata": "true"}).json()
         return self._entry_to_info(entry)
 
+    def exists(self, path, **kwargs):
+        # fsspec's default swallows every error; an unreachable filer must not read as "absent".
+        try:
+            self.info(path)
+            return True
+        except FileNotFoundError:
+            return False
+
     def ls(self, path, detail=True, **kwargs):
         path = self._strip_protocol(path)
         info = self.info(path)
@@ -230,11 +238,12 @@ class SeaweedFSFileSystem(AbstractFileSystem):
             self.rm_file(path)
 
     def rm(self, path, recursive=False, maxdepth=None):
-        if isinstance(path, str) and recursive and maxdepth is None and not self._has_magic(path):
+        if isinstance(path, str) and not self._has_magic(path):
             if not self.exists(path):
                 raise FileNotFoundError(path)
-            self._call("DELETE", path, params={"recursive": "true"})  # one request for a whole tree
-            return
+            if recursive and maxdepth is None:
+                self._call("DELETE", path, params={"recursive": "true"})  # one request for a whole tree
+                return
         paths = self.expand_path(path, recursive=recursive, maxdepth=maxdepth)
         # Deepest first, so a recursive delete never finds its directory gone.
         for p in sorted(paths, key=len, reverse=True):
