@@ -18,7 +18,9 @@ import blake3
 from .errors import InvalidHash
 
 OID_RE = re.compile(r"[0-9a-f]{64}")
-CHUNK = 8 * 1024 * 1024
+# Streams are read and hashed 1 MiB at a time: measured on a filer GET, 1 MiB pieces
+# ran at ~700 MiB/s with inline BLAKE3 where 8 MiB pieces managed ~530 (cache misses).
+STREAM_CHUNK = 1024 * 1024
 WINDOW = 64 * 1024 * 1024  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 

@@ -22,7 +22,7 @@ from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
 from .backends import Backend
 from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
 from .gguf_header import read_gguf_metadata
-from .hashing import CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
+from .hashing import STREAM_CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
 
 VERIFY_MODES = ("size", "rehash")
@@ -79,8 +79,9 @@ class ArtifactStore:
     """Put and read artifacts by BLAKE3 hash on one backend.
 
     verify_upload: ``size`` compares the stored size with the local file's (and
-    that the local file did not change while it was sent); ``rehash`` reads the
-    stored object back and hashes it before it is published.
+    that the local file did not change while it was sent; where the backend can
+    hold a write uncommitted, the sent bytes are hashed instead: ``inline-hash``);
+    ``rehash`` reads the stored object back and hashes it before it is published.
     """
 
     def __init__(self, backend: Backend, verify_upload: str = "size"):
@@ -157,19 +158,51 @@ class ArtifactStore:
                 return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final, digest.sha256)
 
             t1 = time.perf_counter()
-            tmp = self._incoming_name(oid)
-            try:
-                self.fs.put_file(local_path, tmp, callback=callback)
-                self._check_unchanged(local_path, before)
-                verification = self._verify_stored(tmp, digest)
-                self.fs.mv(tmp, final)
-            except BaseException:
-                self._discard(tmp)
-                raise
+            if self.backend.transactional_open is not None and self.verify_upload == "size":
+                verification = self._write_transactional(local_path, final, digest, before, callback)
+            else:
+                verification = self._write_then_rename(local_path, final, digest, before, callback)
             seconds = time.perf_counter() - t1
             record = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, verification)
             self._publish_bytes(manifests.dumps(record), mpath)
         return PutResult(kind, oid, digest.size, True, seconds, hash_seconds, verification, record, final, digest.sha256)
+
+    def _write_then_rename(self, local_path, final, digest, before, callback) -> str:
+        tmp = self._incoming_name(digest.blake3)
+        try:
+            self.fs.put_file(local_path, tmp, callback=callback, **self.backend.write_options)
+            self._check_unchanged(local_path, before)
+            verification = self._verify_stored(tmp, digest)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            self._discard(tmp)
+            raise
+        return verification
+
+    def _write_transactional(self, local_path, final, digest, before, callback) -> str:
+        """Stream to the final name uncommitted, hashing what is sent; commit on a match.
+
+        This spares S3 the server-side copy a rename costs, and checks the very bytes
+        that were sent rather than only their count.
+        """
+        sent = StreamHasher()
+        f = self.fs.open(final, "wb", autocommit=False, **self.backend.transactional_open)
+        try:
+            with open(local_path, "rb") as src:
+                while chunk := src.read(STREAM_CHUNK):
+                    sent.update(chunk)
+                    f.write(chunk)
+                    callback.relative_update(len(chunk))
+            f.close()
+            if sent.digest().blake3 != digest.blake3:
+                raise IntegrityError(f"{local_path} changed while it was being stored; nothing was published")
+            self._check_unchanged(local_path, before)
+            f.commit()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.discard()
+            raise
+        return "inline-hash"
 
     def put_bytes(self, data: bytes, path: str) -> None:
         """Publish small bytes (run files) at ``path`` relative to the backend root, atomically."""
@@ -263,7 +296,7 @@ class ArtifactStore:
     def _hash_remote(self, path: str) -> FileDigest:
         hasher = StreamHasher()
         with self.fs.open(path, "rb", **self.backend.read_options) as f:
-            while chunk := f.read(CHUNK):
+            while chunk := f.read(STREAM_CHUNK):
                 hasher.update(chunk)
         return hasher.digest()
 

@@ -45,7 +45,9 @@ def test_layout_and_manifest(store, prompts_file):
     assert m["metadata"]["record_count"] == 2
     assert m["provenance"]["team"] == "serving"
     assert m["provenance"]["uploader_host"]
-    assert m["integrity"] == {**m["integrity"], "algorithm": "BLAKE3", "verified": True, "verification_method": "size"}
+    assert m["integrity"]["algorithm"] == "BLAKE3" and m["integrity"]["verified"] is True
+    expected = "inline-hash" if store.backend.transactional_open is not None else "size"
+    assert m["integrity"]["verification_method"] == expected
 
 
 def test_second_put_is_deduplicated(store, small_file, tmp_path):
@@ -136,19 +138,40 @@ def test_bad_inputs_leave_nothing_behind(store, tmp_path):
 def test_file_changing_during_upload_is_not_published(store, tmp_path):
     path = tmp_path / "moving.bin"
     path.write_bytes(os.urandom(2 * 1024 * 1024))
-    original_put_file = store.fs.put_file
 
-    def put_then_touch(lpath, rpath, **kw):  # another writer changes the file mid-upload
-        original_put_file(lpath, rpath, **kw)
-        with open(lpath, "ab") as f:
+    def append_to_source():  # another writer changes the file mid-upload
+        with open(path, "ab") as f:
             f.write(b"late bytes")
 
-    store.fs.put_file = put_then_touch
+    original_put_file, original_open = store.fs.put_file, store.fs.open
+
+    def put_file_then_change(lpath, rpath, **kw):
+        original_put_file(lpath, rpath, **kw)
+        append_to_source()
+
+    class ChangingWriter:
+        def __init__(self, f):
+            self._f, self._changed = f, False
+
+        def write(self, data):
+            if not self._changed:
+                self._changed = True
+                append_to_source()
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def open_then_change(p, mode="rb", **kw):
+        f = original_open(p, mode, **kw)
+        return ChangingWriter(f) if "w" in mode else f
+
+    store.fs.put_file, store.fs.open = put_file_then_change, open_then_change
     try:
         with pytest.raises(IntegrityError, match="changed while"):
             store.put(str(path), BLOB)
     finally:
-        del store.fs.put_file
+        del store.fs.put_file, store.fs.open
     assert listing(store.backend) == []
 
 

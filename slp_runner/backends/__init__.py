@@ -22,6 +22,11 @@ class Backend:
     root: the folder inside ``fs`` that holds ``models/``, ``prompts/``, ``results/``, ``runs/``.
     location: a credential-free description (URL or path) for messages and manifests.
     read_options: keyword arguments for ``fs.open(..., "rb")`` that stream best on this backend.
+    write_options: keyword arguments for ``fs.put_file`` (part sizes and the like).
+    transactional_open: set where ``fs.open(path, "wb", autocommit=False, **it)``
+        publishes nothing until ``commit()`` (S3 multipart uploads): the store then
+        writes straight to the final name, hashing what it sends, and commits only
+        if the hash matches; elsewhere it writes a temporary name and renames it.
     """
 
     name: str
@@ -29,6 +34,8 @@ class Backend:
     root: str
     location: str
     read_options: dict = field(default_factory=dict)
+    write_options: dict = field(default_factory=dict)
+    transactional_open: dict | None = None
     prepare_write: Callable[[], None] | None = None
 
     def ensure_writable(self) -> None:
@@ -66,12 +73,16 @@ def s3_backend(
     create_bucket: bool = True,
     connect_timeout: float = 5.0,
     retries: int = 2,
+    part_size_mb: int = 32,
+    max_concurrency: int = 4,
     **_: Any,
 ) -> Backend:
     """Any S3 service through s3fs (tested against SeaweedFS's ``weed s3`` gateway).
 
     Credentials come from the arguments, else from the usual AWS environment
-    variables and files; they are never part of ``location``.
+    variables and files; they are never part of ``location``. Multipart uploads keep
+    at most ``max_concurrency`` parts of ``part_size_mb`` in memory (s3fs's defaults,
+    10 x 50 MiB, held over 1 GiB for a 1 GiB file).
     """
     import s3fs
 
@@ -83,6 +94,7 @@ def s3_backend(
         secret=secret or None,
         client_kwargs=client_kwargs,
         config_kwargs={"connect_timeout": connect_timeout, "retries": {"max_attempts": retries}},
+        max_concurrency=max_concurrency,
         skip_instance_cache=True,
     )
     location = f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/")
@@ -93,5 +105,8 @@ def s3_backend(
 
     return Backend(
         "s3", fs, "/".join(p for p in (bucket, root.strip("/")) if p), location,
-        {"block_size": 16 * 1024 * 1024, "cache_type": "none"}, make_bucket,
+        read_options={"block_size": 16 * 1024 * 1024, "cache_type": "readahead"},
+        write_options={"chunksize": part_size_mb * 1024 * 1024},
+        transactional_open={"block_size": part_size_mb * 1024 * 1024},
+        prepare_write=make_bucket,
     )

@@ -274,8 +274,7 @@ class SeaweedFSFileSystem(AbstractFileSystem):
                 raise FileExistsError(path)
             mode = "wb"
         if mode == "rb" and block_size == 0:
-            resp = self._call("GET", path, stream=True)
-            return io.BufferedReader(_ResponseStream(resp), buffer_size=_IO_CHUNK)
+            return _ResponseStream(self._call("GET", path, stream=True))
         return SeaweedFSFile(
             self, path, mode=mode, block_size=block_size or _IO_CHUNK, autocommit=autocommit,
             cache_options=cache_options, **kwargs,
@@ -307,7 +306,8 @@ class SeaweedFSFile(AbstractBufferedFile):
 
 
 class _ResponseStream(io.RawIOBase):
-    """A streamed HTTP response body as a raw, read-only file."""
+    """A streamed HTTP response body as a read-only file: ``read(n)`` hands back
+    urllib3's bytes without another copy (what ``block_size=0`` opens)."""
 
     def __init__(self, resp: requests.Response):
         self._resp = resp
@@ -317,11 +317,13 @@ class _ResponseStream(io.RawIOBase):
     def readable(self):
         return True
 
+    def read(self, n=-1):
+        return self._raw.read(None if n is None or n < 0 else n)
+
     def readinto(self, b):
         data = self._raw.read(len(b))
-        n = len(data)
-        b[:n] = data
-        return n
+        b[: len(data)] = data
+        return len(data)
 
     def close(self):
         if not self.closed:
