@@ -3,6 +3,10 @@
     slp task=put_model model.path=gemma.gguf model.name=gemma3-270m
     slp task=get_model hash=<blake3> out=model.gguf backend=seaweedfs
     slp task=put_prompts prompts.path=prompts.jsonl backend=s3
+    slp pipeline=put_get_model backend=seaweedfs     # a declared pipeline (conf/pipeline/)
+    slp task=reproduce run=<run_id>                  # re-run it, compare output hashes
+    slp task=verify_run run=<run_id>                 # re-hash every artifact it references
+    slp task=runs                                    # recent runs
 
 Errors a user can cause print one line, ``slp: error: ...``, and exit 1.
 """
@@ -22,7 +26,12 @@ from .artifacts import MODEL, PROMPTS, RESULTS, KINDS, kind_named
 from .backends import Backend
 from .cache import LocalCache
 from .errors import ConfigError, SlpError
+from .examples import register_resolvers
+from .pipeline import from_config
+from .pipeline.history import list_runs, load_manifest, verify_run
 from .store import ArtifactStore
+
+register_resolvers()
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
@@ -89,7 +98,46 @@ def _ls(cfg: DictConfig):
     return commands.list_artifacts(build_store(cfg), kinds)
 
 
+def _overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without Hydra's main (tests)
+        return []
+
+
+def _run(cfg: DictConfig):
+    store = build_store(cfg)
+    return from_config.run_pipeline(cfg, store, LocalCache(cfg.cache_dir), _overrides())
+
+
+def _reproduce(cfg: DictConfig):
+    run_id = str(_need(cfg.run, "run=<run_id>"))
+    _, comparison = from_config.reproduce(cfg, build_store(cfg), LocalCache(cfg.cache_dir), run_id)
+    if not all(comparison.values()):
+        raise SystemExit(1)
+    return comparison
+
+
+def _verify_run(cfg: DictConfig):
+    store = build_store(cfg)
+    manifest = load_manifest(str(_need(cfg.run, "run=<run_id>")), cfg.runner.runs_dir, store)
+    problems = verify_run(manifest, store, LocalCache(cfg.cache_dir))
+    if problems:
+        raise SystemExit(1)
+    return problems
+
+
+def _runs(cfg: DictConfig):
+    return list_runs(cfg.runner.runs_dir)
+
+
 TASKS: dict[str, Callable[[DictConfig], Any]] = {
+    "run": _run,
+    "reproduce": _reproduce,
+    "verify_run": _verify_run,
+    "runs": _runs,
     "put_model": _put("model", MODEL),
     "get_model": _get(MODEL),
     "put_prompts": _put("prompts", PROMPTS),
@@ -104,7 +152,7 @@ TASKS: dict[str, Callable[[DictConfig], Any]] = {
 
 def run_task(cfg: DictConfig) -> Any:
     """Run the task a composed config names (callable from tests without Hydra's main)."""
-    task = cfg.get("task")
+    task = cfg.get("task") or ("run" if cfg.get("pipeline") else None)
     if not task:
         raise ConfigError(f"no task given: add task=<{'|'.join(TASKS)}>")
     if task not in TASKS:
@@ -121,19 +169,33 @@ def _hydra_main(cfg: DictConfig) -> None:
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("slp: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Stage threads may still be inside a long call; the run folder is already
+        # written and marked interrupted, so exit without waiting for them.
+        os._exit(130)
+
+
+def _search_dirs(argv: list[str]) -> list[str]:
+    dirs = [CONF_DIR]
+    for arg in argv:
+        if arg.startswith("hydra.searchpath="):
+            dirs += [p.strip()[len("file://"):] for p in arg.split("=", 1)[1].strip("[]").split(",")
+                     if p.strip().startswith("file://")]
+    return dirs
 
 
 def check_group_choices(argv: list[str]) -> None:
     """Name an unknown config choice (``backend=nope``) in one line, before Hydra's page of text."""
+    dirs = _search_dirs(argv)
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
         if not sep or "." in key or "/" in key or not value or "," in value:
             continue
-        group_dir = os.path.join(CONF_DIR, key)
-        if os.path.isdir(group_dir) and not os.path.exists(os.path.join(group_dir, f"{value}.yaml")):
-            choices = sorted(f[:-5] for f in os.listdir(group_dir) if f.endswith(".yaml"))
+        groups = [os.path.join(d, key) for d in dirs if os.path.isdir(os.path.join(d, key))]
+        if groups and not any(os.path.exists(os.path.join(g, f"{value}.yaml")) for g in groups):
+            choices = sorted({f[:-5] for g in groups for f in os.listdir(g) if f.endswith(".yaml")})
             raise ConfigError(f"unknown {key} {value!r} (choose from {', '.join(choices)})")
 
 

@@ -12,7 +12,10 @@ non-zero without a traceback::
     ├── ArtifactNotFound     no object under that hash in the backend
     ├── IntegrityError       bytes whose BLAKE3 does not match the expected hash
     ├── BackendError         the backend failed or cannot be reached (names the URL)
-    └── ConfigError          an unknown backend, task or missing setting
+    ├── ConfigError          an unknown backend, task or missing setting
+    ├── PipelineError        a stage graph that cannot run (cycle, dangling reference,
+    │                        unknown target), named by stage
+    └── RunFailed            a run that finished with a failed stage or was interrupted
 
 Backend modules raise built-in ``OSError`` subclasses, as fsspec filesystems do;
 the store turns those into the errors above at its edge.
@@ -54,4 +57,12 @@ class BackendError(SlpError):
 
 
 class ConfigError(SlpError):
+    pass
+
+
+class PipelineError(SlpError):
+    pass
+
+
+class RunFailed(SlpError):
     pass

@@ -20,6 +20,15 @@ def gemma_path() -> str:
     return target
 
 
+def register_resolvers() -> None:
+    """``${slp.model_or_example:${model.path}}`` in config: the given path, or when it
+    is null the Gemma example's local path (assembled on first use)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("slp.model_or_example"):
+        OmegaConf.register_new_resolver("slp.model_or_example", lambda path=None: path or gemma_path())
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["gemma-path"]:
         print(gemma_path())

@@ -1,0 +1,121 @@
+"""One pipeline run from start to published run folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from ..cache import LocalCache
+from ..errors import RunFailed
+from ..manifest import utc_now
+from ..store import ArtifactStore
+from .context import ArtifactRef
+from .run_folder import RunFolder, new_run_id
+from .runner import Runner, StageRecord
+from .spec import Pipeline
+from .system_info import system_info
+
+PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    folder: str
+    manifest: dict[str, Any]
+    records: dict[str, StageRecord]
+
+
+def collect_artifacts(records: dict[str, StageRecord]) -> dict[str, dict]:
+    """Every artifact a stage produced, named ``<stage>.<output>``."""
+    out = {}
+    for name, rec in records.items():
+        for key, value in rec.outputs.items():
+            if isinstance(value, ArtifactRef):
+                out[f"{name}.{key}"] = {"kind": value.kind.name, "hash": value.oid, "size_bytes": value.size}
+    return out
+
+
+def execute(
+    pipeline: Pipeline,
+    store: ArtifactStore,
+    cache: LocalCache,
+    *,
+    config_yaml: str,
+    overrides: list[str],
+    runs_dir: str = "runs",
+    workers: int = 4,
+    force: bool = False,
+    upload: bool = True,
+    options: dict | None = None,
+    reproduces: str | None = None,
+    out: TextIO = sys.stdout,
+) -> RunResult:
+    """Run ``pipeline``, write its immutable run folder, publish it, and return the result.
+
+    ``config_yaml`` must already be redacted. Raises RunFailed (after the folder is
+    written) when a stage failed; KeyboardInterrupt leaves a folder marked interrupted.
+    """
+    run_id = new_run_id(config_yaml.encode())
+    folder = RunFolder(runs_dir, run_id)
+    folder.write_bytes("config.yaml", config_yaml.encode())
+    folder.write_json("overrides.yaml", overrides)  # JSON is YAML
+    start, t0 = utc_now(), time.perf_counter()
+    print(f"run {run_id}: pipeline {pipeline.name}, {len(pipeline.stages)} stages, backend {store.backend.name}",
+          file=out, flush=True)
+    runner = Runner(store, cache, workers=workers, force=force, options=options)
+    status = "completed"
+    records: dict[str, StageRecord] = {}
+    interrupted = False
+    try:
+        records = runner.run(pipeline, folder.staging, run_id, final_dir=folder.final)
+    except KeyboardInterrupt:
+        interrupted, status = True, "interrupted"
+        records = runner.records  # completed stages keep their results
+    if not interrupted and any(r.status != "completed" for r in records.values()):
+        status = "failed"
+    manifest = {
+        "run_id": run_id,
+        "pipeline": pipeline.name,
+        "status": status,
+        "start_time": start,
+        "end_time": utc_now(),
+        "total_latency_ms": round((time.perf_counter() - t0) * 1000, 3),
+        "backend": {"name": store.backend.name, "location": store.backend.location},
+        "artifacts": collect_artifacts(records),
+        "stages": {name: rec.to_json() for name, rec in records.items()},
+        "overrides": overrides,
+        "system": system_info(PROJECT_DIR),
+    }
+    if reproduces:
+        manifest["reproduces"] = reproduces
+    folder.write_json("metrics.json", {name: rec.metrics for name, rec in records.items()})
+    folder.write_json("manifest.json", manifest)
+    final = folder.finalize()
+    _print_summary(manifest, final, out)
+    if upload and not interrupted:
+        n = folder.upload(store)
+        print(f"published {n} files to {store.backend.location.rstrip('/')}/runs/{run_id}/", file=out)
+    if interrupted:
+        raise KeyboardInterrupt
+    result = RunResult(run_id, status, final, manifest, records)
+    if status != "completed":
+        failed = [f"{n}: {r.error}" for n, r in records.items() if r.status == "failed"]
+        raise RunFailed(f"run {run_id} failed ({'; '.join(failed)[:500]}); folder {final}")
+    return result
+
+
+def _print_summary(manifest: dict, folder: str, out: TextIO) -> None:
+    total = manifest["total_latency_ms"] or 1.0
+    print(f"{'Stage':28} | {'Latency':>10} | {'% Total':>7} | cache", file=out)
+    print(f"{'-' * 28}-|-{'-' * 10}-|-{'-' * 7}-|------", file=out)
+    for name, st in manifest["stages"].items():
+        pct = 100 * st["latency_ms"] / total
+        hit = "hit" if st["cache_hit"] else st["status"] if st["status"] != "completed" else "miss"
+        print(f"{name:28} | {st['latency_ms'] / 1000:>9.3f}s | {pct:>6.1f}% | {hit}", file=out)
+    print(f"{'Total':28} | {total / 1000:>9.3f}s | {100.0:>6.1f}% |", file=out)
+    print(f"run {manifest['run_id']} {manifest['status']}: {folder}", file=out, flush=True)

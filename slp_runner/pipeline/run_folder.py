@@ -1,0 +1,96 @@
+"""Immutable run folders, laid out as the seed's ``runs/<run_id>/``::
+
+    runs/<run_id>/
+      manifest.json      run id, status, times, every artifact and stage, system info
+      config.yaml        the resolved config, secrets redacted
+      overrides.yaml     the command-line overrides
+      metrics.json       every stage's metrics
+      logs/<stage>.log   one log per stage
+      stages/<stage>/    files a stage wrote (results.jsonl, ...)
+
+A run is written under ``runs/.staging/<run_id>`` and renamed into place whole,
+then made read-only: a folder under ``runs/`` is never half-written nor rewritten.
+The finished folder is then copied to the backend under ``runs/<run_id>/``, the
+manifest last, so a manifest in the backend means the whole folder is there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import time
+from datetime import datetime, timezone
+
+import blake3
+import orjson
+
+from ..store import ArtifactStore
+
+RUN_ID_RE = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{8}")
+SECRET_KEY_RE = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key|^key$)", re.I)
+REDACTED = "***"
+
+
+def new_run_id(content: bytes) -> str:
+    """``run-YYYYMMDD-HHMMSS-<8 hex>``: the hex mixes the config with time, pid and
+    randomness, so parallel multirun jobs started in the same second differ."""
+    now = datetime.now(timezone.utc)
+    salt = f"{time.time_ns()}:{os.getpid()}".encode() + os.urandom(8)
+    return f"run-{now:%Y%m%d-%H%M%S}-{blake3.blake3(content + salt).hexdigest()[:8]}"
+
+
+def redact(value, key: str = ""):
+    """A copy of a config tree with secret-looking keys replaced by ``***``."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if SECRET_KEY_RE.search(str(k)) and v not in (None, "") and not isinstance(v, dict)
+                    else redact(v, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return value
+
+
+class RunFolder:
+    def __init__(self, runs_dir: str, run_id: str):
+        self.runs_dir = os.path.abspath(runs_dir)
+        self.run_id = run_id
+        self.staging = os.path.join(self.runs_dir, ".staging", run_id)
+        self.final = os.path.join(self.runs_dir, run_id)
+        os.makedirs(self.staging)
+
+    @property
+    def path(self) -> str:
+        return self.staging if os.path.isdir(self.staging) else self.final
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        target = os.path.join(self.staging, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+        return target
+
+    def write_json(self, rel: str, obj) -> str:
+        return self.write_bytes(rel, orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=str) + b"\n")
+
+    def finalize(self) -> str:
+        """Move the finished folder into place in one rename, then make it read-only."""
+        os.rename(self.staging, self.final)
+        for root, dirs, files in os.walk(self.final):
+            for name in files:
+                p = os.path.join(root, name)
+                os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) & ~0o222)
+        return self.final
+
+    def files(self) -> list[str]:
+        out = []
+        for root, _, files in os.walk(self.final):
+            out += [os.path.relpath(os.path.join(root, f), self.final) for f in files]
+        return sorted(out, key=lambda rel: (rel == "manifest.json", rel))  # manifest last
+
+    def upload(self, store: ArtifactStore) -> int:
+        count = 0
+        for rel in self.files():
+            with open(os.path.join(self.final, rel), "rb") as f:
+                store.put_bytes(f.read(), f"runs/{self.run_id}/{rel}")
+            count += 1
+        return count

@@ -1,0 +1,162 @@
+"""Run a validated :class:`Pipeline` on a store: independent stages in a bounded
+thread pool, the stage cache consulted first, failures contained to what depends
+on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cache import LocalCache
+from ..errors import SlpError
+from ..manifest import utc_now
+from ..store import ArtifactStore
+from .context import StageContext, to_json
+from .spec import Pipeline, Ref, StageSpec
+from .stage_cache import StageCache, stage_key
+
+
+@dataclass
+class StageRecord:
+    name: str
+    status: str = "pending"  # completed | failed | skipped | interrupted
+    cache_hit: bool = False
+    latency_ms: float = 0.0
+    started_at: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    key: str | None = None
+    target: str | None = None
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "status": self.status, "target": self.target, "cache_hit": self.cache_hit,
+            "latency_ms": round(self.latency_ms, 3), "started_at": self.started_at, "key": self.key,
+            "inputs": to_json(self.inputs), "outputs": to_json(self.outputs), "metrics": self.metrics,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+class Runner:
+    """Execute pipelines; the stage functions never see this class.
+
+    workers: how many independent stages may run at once.
+    force: ignore the stage cache (every stage runs; results are recorded anew).
+    options: run-wide settings handed to every stage as ``ctx.options``.
+    """
+
+    def __init__(self, store: ArtifactStore, cache: LocalCache, *, workers: int = 4, force: bool = False,
+                 use_stage_cache: bool = True, options: dict | None = None):
+        self.store = store
+        self.cache = cache
+        self.workers = max(1, int(workers))
+        self.force = force
+        self.stage_cache = StageCache(store) if use_stage_cache else None
+        self.options = options or {}
+
+    def run(self, pipeline: Pipeline, run_dir: str, run_id: str, final_dir: str | None = None) -> dict[str, StageRecord]:
+        """Run every stage; return a record per stage. KeyboardInterrupt propagates
+        after the records of unfinished stages are marked ``interrupted``.
+
+        run_dir: where stages write now; final_dir: where that folder will be moved.
+        """
+        self._moves_to = (run_dir, final_dir) if final_dir else None
+        records = {name: StageRecord(name, target=spec.target) for name, spec in pipeline.stages.items()}
+        self.records = records  # readable after an interrupt
+        sorter = pipeline.sorter()
+        sorter.prepare()
+        running: dict[Future, str] = {}
+        os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="slp-stage")
+        # Not `with`: on Ctrl-C the pool must not wait for stages still running.
+        try:
+            while sorter.is_active():
+                for name in sorter.get_ready():
+                    blocked = [r.stage for r in pipeline.stages[name].refs()
+                               if records[r.stage].status != "completed"]
+                    if blocked:
+                        records[name].status = "skipped"
+                        records[name].error = f"upstream stage {blocked[0]!r} did not complete"
+                        sorter.done(name)
+                        continue
+                    spec = pipeline.stages[name]
+                    running[pool.submit(self._run_stage, spec, records, run_dir, run_id)] = name
+                if not running:
+                    continue
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    name = running.pop(fut)
+                    fut.result()  # _run_stage records its own errors; this only re-raises interrupts
+                    sorter.done(name)
+        except KeyboardInterrupt:
+            for fut, name in running.items():
+                fut.cancel()
+            for rec in records.values():
+                if rec.status in ("pending", "running"):
+                    rec.status = "interrupted"
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return records
+
+    def _run_stage(self, spec: StageSpec, records: dict[str, StageRecord], run_dir: str, run_id: str) -> None:
+        rec = records[spec.name]
+        rec.status = "running"
+        rec.started_at = utc_now()
+        t0 = time.perf_counter()
+        log, handler = _stage_logger(run_id, spec.name, os.path.join(run_dir, "logs", f"{spec.name}.log"))
+        try:
+            kwargs = dict(spec.params)
+            for key, value in spec.inputs.items():
+                kwargs[key] = records[value.stage].outputs.get(value.output) if isinstance(value, Ref) else value
+                if isinstance(value, Ref) and value.output not in records[value.stage].outputs:
+                    raise SlpError(f"stage {spec.name!r}: upstream {value} has no output {value.output!r} "
+                                   f"(it has {sorted(records[value.stage].outputs)})")
+            rec.inputs = {k: kwargs[k] for k in spec.inputs}
+            rec.key = stage_key(spec, kwargs)
+            if self.stage_cache is not None and spec.cache and not self.force:
+                hit = self.stage_cache.lookup(rec.key)
+                if hit is not None:
+                    rec.outputs, rec.metrics, rec.cache_hit = hit["outputs"], hit.get("metrics", {}), True
+                    rec.metrics["cached_from_run"] = hit.get("run_id")
+                    log.info("stage cache hit %s (from run %s)", rec.key, hit.get("run_id"))
+                    rec.status = "completed"
+                    return
+            ctx = StageContext(spec.name, self.store, self.cache, run_dir, log, options=self.options)
+            log.info("running %s", spec.target)
+            outputs = spec.fn(ctx, **kwargs)
+            if outputs is None:
+                outputs = {}
+            if not isinstance(outputs, dict):
+                raise SlpError(f"stage {spec.name!r}: {spec.target} returned {type(outputs).__name__}, not a dict")
+            rec.outputs, rec.metrics = outputs, ctx.metrics
+            if self.stage_cache is not None and spec.cache:
+                self.stage_cache.record(rec.key, spec, outputs, ctx.metrics, run_id, self._moves_to)
+            rec.status = "completed"
+            log.info("completed")
+        except Exception as exc:
+            rec.status = "failed"
+            rec.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SlpError) else str(exc)
+            log.error("failed: %s\n%s", rec.error, traceback.format_exc())
+        finally:
+            rec.latency_ms = (time.perf_counter() - t0) * 1000
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _stage_logger(run_id: str, stage: str, path: str) -> tuple[logging.Logger, logging.Handler]:
+    log = logging.getLogger(f"slp.run.{run_id}.{stage}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return log, handler
