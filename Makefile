@@ -10,7 +10,7 @@ SEAWEED_DIR ?= .seaweed
 export AWS_ACCESS_KEY_ID ?= slp-dev-access
 export AWS_SECRET_ACCESS_KEY ?= slp-dev-secret
 
-.PHONY: help install demo test bench-store seaweed-up seaweed-down seaweed-status \
+.PHONY: help install demo test bench-store bench-runner seaweed-up seaweed-down seaweed-status \
         put-model get-model put-prompts gemma clean
 
 help:
@@ -21,6 +21,7 @@ help:
 	@echo "make get-model HASH=<blake3> [OUT=path] [BACKEND=..]"
 	@echo "make put-prompts PROMPTS=path.jsonl [BACKEND=..]"
 	@echo "make bench-store   put/get 256 MiB on every backend beside curl; peak RSS at 1 GiB (results under runs/)"
+	@echo "make bench-runner  runner overhead: 100 no-op stages; fully cached Gemma put/get re-run"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -71,6 +72,9 @@ seaweed-status: install
 
 bench-store: install
 	$(PY) -m benchmarks.store_throughput
+
+bench-runner: install
+	$(PY) -m benchmarks.runner_overhead
 
 clean:
 	rm -rf .slp runs/.demo-put.log

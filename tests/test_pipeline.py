@@ -170,3 +170,20 @@ def test_list_runs(make_cfg, tmp_path):
     rows = list_runs(str(tmp_path / "runs"), out=out)
     assert len(rows) == 2 and rows[0]["run_id"] > rows[1]["run_id"]
     assert rows[0]["cache_hits"] == 4 and "completed" in out.getvalue()
+
+
+def test_user_stage_is_a_plain_function_without_hydra(tmp_path):
+    """The core needs no Hydra: a dict graph, a store, a cache."""
+    from slp_runner.backends import local_backend
+    from slp_runner.pipeline.run import execute
+    from slp_runner.pipeline.spec import build_pipeline
+    from slp_runner.store import ArtifactStore
+
+    pipeline = build_pipeline("words", {
+        "count": {"_target_": "user_stages.count_words", "params": {"text": "one two three"}},
+        "twice": {"_target_": "user_stages.double", "inputs": {"value": "@count.count"}},
+    })
+    result = execute(pipeline, ArtifactStore(local_backend(str(tmp_path / "store"))), LocalCache(str(tmp_path / "c")),
+                     config_yaml="{}", overrides=[], runs_dir=str(tmp_path / "runs"), out=io.StringIO())
+    assert result.records["twice"].outputs == {"value": 6}
+    assert result.manifest["stages"]["count"]["metrics"] == {"words": 3}

@@ -61,6 +61,7 @@ class Runner:
         self.force = force
         self.stage_cache = StageCache(store) if use_stage_cache else None
         self.options = options or {}
+        self.records: dict[str, StageRecord] = {}
 
     def run(self, pipeline: Pipeline, run_dir: str, run_id: str, final_dir: str | None = None) -> dict[str, StageRecord]:
         """Run every stage; return a record per stage. KeyboardInterrupt propagates

@@ -81,7 +81,8 @@ def store_results(ctx: StageContext, path: str | LocalFile, kind: str = "results
 
 
 def noop(ctx: StageContext, **_: Any) -> dict:
-    return {}
+    """Does nothing; outputs ``done`` so other stages can be ordered after it."""
+    return {"done": True}
 
 
 def sleep(ctx: StageContext, seconds: float = 0.1, **_: Any) -> dict:
