@@ -15,7 +15,8 @@ non-zero without a traceback::
     ├── ConfigError          an unknown backend, task or missing setting
     ├── PipelineError        a stage graph that cannot run (cycle, dangling reference,
     │                        unknown target), named by stage
-    └── RunFailed            a run that finished with a failed stage or was interrupted
+    ├── RunFailed            a run that finished with a failed stage or was interrupted
+    └── EngineError          the inference engine cannot start, died, or is unreachable
 
 Backend modules raise built-in ``OSError`` subclasses, as fsspec filesystems do;
 the store turns those into the errors above at its edge.
@@ -65,4 +66,8 @@ class PipelineError(SlpError):
 
 
 class RunFailed(SlpError):
+    pass
+
+
+class EngineError(SlpError):
     pass

@@ -8,6 +8,7 @@ them in the run manifest and the stage cache, and hands them to downstream stage
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -83,6 +84,9 @@ class StageContext:
     log: logging.Logger
     metrics: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)  # run-wide settings (engine, ...)
+    # Run-scoped cleanups: what a stage starts for later stages (a server) is closed
+    # when the run ends, however it ends.
+    resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     @property
     def stage_dir(self) -> str:

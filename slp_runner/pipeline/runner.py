@@ -5,6 +5,7 @@ on them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -78,6 +79,7 @@ class Runner:
         os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="slp-stage")
         # Not `with`: on Ctrl-C the pool must not wait for stages still running.
+        self.resources = contextlib.ExitStack()  # what stages start for the whole run (an engine)
         try:
             while sorter.is_active():
                 for name in sorter.get_ready():
@@ -105,6 +107,8 @@ class Runner:
                     rec.status = "interrupted"
             pool.shutdown(wait=False, cancel_futures=True)
             raise
+        finally:
+            self.resources.close()  # a managed engine stops here, whatever happened
         pool.shutdown(wait=True)
         return records
 
@@ -131,7 +135,8 @@ class Runner:
                     log.info("stage cache hit %s (from run %s)", rec.key, hit.get("run_id"))
                     rec.status = "completed"
                     return
-            ctx = StageContext(spec.name, self.store, self.cache, run_dir, log, options=self.options)
+            ctx = StageContext(spec.name, self.store, self.cache, run_dir, log, options=self.options,
+                               resources=self.resources)
             log.info("running %s", spec.target)
             outputs = spec.fn(ctx, **kwargs)
             if outputs is None:
