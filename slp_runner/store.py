@@ -296,7 +296,7 @@ class ArtifactStore:
     def _hash_remote(self, path: str) -> FileDigest:
         hasher = StreamHasher()
         with self.fs.open(path, "rb", **self.backend.read_options) as f:
-            while chunk := f.read(STREAM_CHUNK):
+            while chunk := f.read(self.backend.read_chunk):
                 hasher.update(chunk)
         return hasher.digest()
 

@@ -12,6 +12,8 @@ from typing import Any, Callable
 
 import fsspec
 
+from ..hashing import STREAM_CHUNK
+
 
 @dataclass
 class Backend:
@@ -22,6 +24,7 @@ class Backend:
     root: the folder inside ``fs`` that holds ``models/``, ``prompts/``, ``results/``, ``runs/``.
     location: a credential-free description (URL or path) for messages and manifests.
     read_options: keyword arguments for ``fs.open(..., "rb")`` that stream best on this backend.
+    read_chunk: bytes per ``read()`` when streaming an object (one request each on S3).
     write_options: keyword arguments for ``fs.put_file`` (part sizes and the like).
     transactional_open: set where ``fs.open(path, "wb", autocommit=False, **it)``
         publishes nothing until ``commit()`` (S3 multipart uploads): the store then
@@ -34,6 +37,7 @@ class Backend:
     root: str
     location: str
     read_options: dict = field(default_factory=dict)
+    read_chunk: int = STREAM_CHUNK
     write_options: dict = field(default_factory=dict)
     transactional_open: dict | None = None
     prepare_write: Callable[[], None] | None = None
@@ -105,7 +109,9 @@ def s3_backend(
 
     return Backend(
         "s3", fs, "/".join(p for p in (bucket, root.strip("/")) if p), location,
-        read_options={"block_size": 16 * 1024 * 1024, "cache_type": "readahead"},
+        # Uncached reads of 8 MiB: one ranged GET per read, nothing buffered twice.
+        read_options={"block_size": 8 * 1024 * 1024, "cache_type": "none"},
+        read_chunk=8 * 1024 * 1024,
         write_options={"chunksize": part_size_mb * 1024 * 1024},
         transactional_open={"block_size": part_size_mb * 1024 * 1024},
         prepare_write=make_bucket,

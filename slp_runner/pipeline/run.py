@@ -118,4 +118,13 @@ def _print_summary(manifest: dict, folder: str, out: TextIO) -> None:
         hit = "hit" if st["cache_hit"] else st["status"] if st["status"] != "completed" else "miss"
         print(f"{name:28} | {st['latency_ms'] / 1000:>9.3f}s | {pct:>6.1f}% | {hit}", file=out)
     print(f"{'Total':28} | {total / 1000:>9.3f}s | {100.0:>6.1f}% |", file=out)
+    for name, st in manifest["stages"].items():
+        m = st.get("metrics") or {}
+        if "tokens_per_sec" in m:
+            lat = m.get("latency_ms") or {}
+            print(f"{name}: {m['prompts_processed']} prompts ok, {m['prompts_failed']} failed, "
+                  f"{m['tokens_generated']} tokens, {m['tokens_per_sec']} tokens/s, "
+                  f"latency p50 {lat.get('p50', 0):.0f} ms / p95 {lat.get('p95', 0):.0f} ms", file=out)
+        if "model_load_ms" in m and m.get("engine") == "managed":
+            print(f"{name}: model loaded in {m['model_load_ms']:.0f} ms", file=out)
     print(f"run {manifest['run_id']} {manifest['status']}: {folder}", file=out, flush=True)
