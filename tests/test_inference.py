@@ -24,7 +24,7 @@ from test_cli import SLP
 from test_pipeline import make_cfg as _make_cfg  # noqa: F401  (fixture)
 from test_pipeline import run
 
-FAST = ["infer.max_tokens=8", "engine.ctx_size=512", "engine.parallel=2"]
+FAST = ["infer.max_tokens=8", "engine.ctx_size=512"]
 
 
 def llama_servers():
@@ -146,9 +146,11 @@ def test_failing_prompt_is_recorded_and_the_rest_go_on(make_cfg, gemma_path, tmp
 def test_llama_batch_and_client_against_an_external_server(make_cfg, external_server, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "Hi"}\n{"prompt": "Bye", "max_tokens": 3}\n')
-    ext = ["engine=external", f"engine.url={external_server.url}", f"prompts.path={prompts}", "infer.max_tokens=4"]
+    ext = ["engine=external", f"engine.url={external_server.url}", f"prompts.path={prompts}", "infer.max_tokens=4",
+           "engine.parallel=2"]
     batch = run(make_cfg("pipeline=llama_batch", *ext))
-    assert batch.manifest["stages"]["inference"]["metrics"]["prompts_processed"] == 2
+    metrics = batch.manifest["stages"]["inference"]["metrics"]
+    assert metrics["prompts_processed"] == 2 and metrics["concurrency"] == 2
     assert "store_results.results" in batch.manifest["artifacts"]
     client = run(make_cfg("pipeline=llama_client", *ext))
     lat = client.manifest["stages"]["inference"]["metrics"]["latency_ms"]

@@ -53,6 +53,17 @@ class CompletionClient:
         """One prompt; failures come back as ``Completion.error``, never raised."""
         t0 = time.perf_counter()
         out = Completion()
+        for attempt in (1, 2):
+            out = self._attempt(prompt, max_tokens, temperature, seed, stream, t0)
+            # llama-server may close a kept-alive connection between requests; a request
+            # that never reached it is safe to send again on a fresh connection.
+            if out.error != "connection refused or reset before any response" or attempt == 2:
+                break
+        out.elapsed_ms = (time.perf_counter() - t0) * 1000
+        return out
+
+    def _attempt(self, prompt, max_tokens, temperature, seed, stream, t0) -> Completion:
+        out = Completion()
         try:
             if self.api == "llama":
                 body = {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "seed": seed,
@@ -75,10 +86,12 @@ class CompletionClient:
         except requests.Timeout:
             out.error = f"timed out after {self.timeout:.0f}s"
         except requests.ConnectionError:
-            out.error = f"connection to {self.url} failed"
+            out.error = ("connection refused or reset before any response" if not out.text and out.ttft_ms is None
+                         else f"connection to {self.url} lost")
+        except requests.RequestException as exc:  # a stream cut short, a bad chunk, ...
+            out.error = f"{type(exc).__name__} from {self.url}: {str(exc)[:150]}"
         except (ValueError, KeyError) as exc:
             out.error = f"bad response: {exc}"
-        out.elapsed_ms = (time.perf_counter() - t0) * 1000
         return out
 
     def _read_stream(self, resp, out: Completion, t0: float) -> None:
