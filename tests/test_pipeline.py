@@ -168,7 +168,7 @@ def test_list_runs(make_cfg, tmp_path):
     run(make_cfg("pipeline=store_prompts"))
     out = io.StringIO()
     rows = list_runs(str(tmp_path / "runs"), out=out)
-    assert len(rows) == 2 and rows[0]["run_id"] > rows[1]["run_id"]
+    assert len(rows) == 2 and rows[0]["start_time"] > rows[1]["start_time"]
     assert rows[0]["cache_hits"] == 4 and "completed" in out.getvalue()
 
 

@@ -49,7 +49,7 @@ def list_runs(runs_dir: str, limit: int = 20, out: TextIO = sys.stdout) -> list[
     """Recent runs, newest first, with status and key numbers."""
     rows = []
     if os.path.isdir(runs_dir):
-        for name in sorted(os.listdir(runs_dir), reverse=True):
+        for name in os.listdir(runs_dir):
             mpath = os.path.join(runs_dir, name, "manifest.json")
             if RUN_ID_RE.fullmatch(name) and os.path.exists(mpath):
                 with open(mpath, "rb") as f:
@@ -57,12 +57,11 @@ def list_runs(runs_dir: str, limit: int = 20, out: TextIO = sys.stdout) -> list[
                 stages = m.get("stages", {})
                 rows.append({
                     "run_id": name, "status": m.get("status"), "pipeline": m.get("pipeline"),
-                    "total_latency_ms": m.get("total_latency_ms"), "stages": len(stages),
-                    "cache_hits": sum(1 for s in stages.values() if s.get("cache_hit")),
+                    "start_time": m.get("start_time") or "", "total_latency_ms": m.get("total_latency_ms") or 0,
+                    "stages": len(stages), "cache_hits": sum(1 for s in stages.values() if s.get("cache_hit")),
                     "reproduces": m.get("reproduces"),
                 })
-            if len(rows) >= limit:
-                break
+    rows = sorted(rows, key=lambda r: r["start_time"], reverse=True)[:limit]  # ids within one second tie
     for r in rows:
         extra = f" reproduces {r['reproduces']}" if r["reproduces"] else ""
         print(f"{r['run_id']}  {r['status']:<11} {r['pipeline'] or '-':<20} {r['total_latency_ms'] / 1000:>8.2f}s "

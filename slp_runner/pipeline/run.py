@@ -115,7 +115,14 @@ def _print_summary(manifest: dict, folder: str, out: TextIO) -> None:
     print(f"{'-' * 28}-|-{'-' * 10}-|-{'-' * 7}-|------", file=out)
     for name, st in manifest["stages"].items():
         pct = 100 * st["latency_ms"] / total
-        hit = "hit" if st["cache_hit"] else st["status"] if st["status"] != "completed" else "miss"
+        if st["status"] != "completed":
+            hit = st["status"]
+        elif st["cache_hit"]:
+            hit = "stage"  # skipped: an identical earlier execution was reused
+        elif (st.get("metrics") or {}).get("cache_hit"):
+            hit = "local"  # ran, but the artifact came from the local cache
+        else:
+            hit = "miss"
         print(f"{name:28} | {st['latency_ms'] / 1000:>9.3f}s | {pct:>6.1f}% | {hit}", file=out)
     print(f"{'Total':28} | {total / 1000:>9.3f}s | {100.0:>6.1f}% |", file=out)
     for name, st in manifest["stages"].items():
