@@ -14,7 +14,7 @@ export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc)
 export AWS_ACCESS_KEY_ID ?= slp-dev-access
 export AWS_SECRET_ACCESS_KEY ?= slp-dev-secret
 
-.PHONY: help install demo test bench-store bench-runner seaweed-up seaweed-down seaweed-status \
+.PHONY: help install demo test bench bench-store bench-runner seaweed-up seaweed-down seaweed-status \
         put-model get-model put-prompts gemma clean llama-batch llama-client
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make put-model MODEL=path.gguf [NAME=..] [BACKEND=local|seaweedfs|s3]"
 	@echo "make get-model HASH=<blake3> [OUT=path] [BACKEND=..]"
 	@echo "make put-prompts PROMPTS=path.jsonl [BACKEND=..]"
+	@echo "make bench         the default benchmark sweep (backends x sizes x ops, with references) -> runs/bench-*/"
 	@echo "make bench-store   put/get 256 MiB on every backend beside curl; peak RSS at 1 GiB (results under runs/)"
 	@echo "make bench-runner  runner overhead: 100 no-op stages; fully cached Gemma put/get re-run"
 
@@ -81,6 +82,23 @@ seaweed-down: install
 
 seaweed-status: install
 	$(PY) -m slp_runner.seaweed_server status --dir $(SEAWEED_DIR)
+
+# The default benchmark sweep: every backend x sizes x upload/download beside its
+# reference tool, then BLAKE3 vs b3sum and cold vs warm get at 1 GiB. A few minutes
+# on 2 cores; summaries land in runs/bench-<time>/.
+BENCH_SIZES ?= 1,16,128
+BENCH_ITER ?= 5
+bench: install
+	@command -v b3sum >/dev/null || (apt-get update -qq && apt-get install -y -qq b3sum) || \
+	  { echo "b3sum is needed as the hashing reference (apt-get install b3sum)"; exit 1; }
+	@set -e; stamp=$$(date -u +%Y%m%d-%H%M%S); \
+	$(PY) -m slp_runner.seaweed_server up --dir $(SEAWEED_DIR)-bench >/dev/null; \
+	trap '$(PY) -m slp_runner.seaweed_server down --dir $(SEAWEED_DIR)-bench >/dev/null' EXIT; \
+	$(SLP) -m pipeline=bench_storage backend=local,seaweedfs,s3 bench.size_mb=$(BENCH_SIZES) \
+	  bench.op=upload,download bench.iterations=$(BENCH_ITER) hydra.sweep.dir=runs/bench-$$stamp/storage | sed -n '/^| backend/,$$p'; \
+	$(SLP) -m pipeline=bench_storage backend=local bench.size_mb=1024 bench.op=hash,cache \
+	  bench.iterations=$(BENCH_ITER) hydra.sweep.dir=runs/bench-$$stamp/hash-cache | sed -n '/^| backend/,$$p'; \
+	echo "summaries: runs/bench-$$stamp/storage/summary.md runs/bench-$$stamp/hash-cache/summary.md"
 
 bench-store: install
 	$(PY) -m benchmarks.store_throughput

@@ -27,6 +27,7 @@ from .backends import Backend
 from .cache import LocalCache
 from .errors import ConfigError, SlpError
 from .examples import register_resolvers
+from .bench import sweep
 from .pipeline import from_config
 from .pipeline.history import list_runs, load_manifest, verify_run
 from .store import ArtifactStore
@@ -107,9 +108,31 @@ def _overrides() -> list[str]:
         return []
 
 
+def _multirun_job_dir() -> str | None:
+    """This job's folder when running under ``-m`` (a sweep), else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    return hc.runtime.output_dir if hc.mode == RunMode.MULTIRUN else None
+
+
 def _run(cfg: DictConfig):
+    job_dir = _multirun_job_dir()
+    if job_dir and cfg.resume:
+        done = sweep.completed_result(job_dir)
+        if done:
+            print(f"job {os.path.basename(job_dir)} already completed (run {done.get('run_id')}): skipped")
+            return done
     store = build_store(cfg)
-    return from_config.run_pipeline(cfg, store, LocalCache(cfg.cache_dir), _overrides())
+    result = from_config.run_pipeline(cfg, store, LocalCache(cfg.cache_dir), _overrides())
+    if job_dir:
+        sweep.write_job_result(job_dir, {"status": result.status, "run_id": result.run_id, "folder": result.folder,
+                                         "overrides": _overrides(), "stages": result.manifest["stages"]})
+    return result
 
 
 def _reproduce(cfg: DictConfig):
@@ -166,6 +189,10 @@ def _hydra_main(cfg: DictConfig) -> None:
         run_task(cfg)
     except SlpError as exc:
         print(f"slp: error: {exc}", file=sys.stderr)
+        job_dir = _multirun_job_dir()
+        if job_dir:  # one failed job of a sweep: record it, let the others run
+            sweep.write_job_result(job_dir, {"status": "failed", "error": str(exc), "overrides": _overrides()})
+            return
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("slp: interrupted", file=sys.stderr)

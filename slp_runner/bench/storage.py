@@ -1,0 +1,207 @@
+"""The storage benchmark (the seed's slp_bench_storage), with its reference measured
+in the same run: upload, download, roundtrip, hash and cache operations.
+
+Test data is generated before any timing; each iteration of an upload gets fresh
+bytes (16 random bytes rewritten at the head of the file, outside the timer) so
+that nothing is deduplicated. Iterations alternate slp and the reference tool so
+that drift in the machine affects both alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from typing import Callable
+
+from ..artifacts import BLOB
+from ..cache import LocalCache
+from ..errors import ConfigError
+from ..hashing import hash_file
+from ..stats import summarize
+from ..store import ArtifactStore
+from .references import b3sum_seconds, reference_for
+
+MiB = 1024 * 1024
+OPS = ("upload", "download", "roundtrip", "hash", "cache")
+PERCENTILES = "linear interpolation between closest ranks (numpy 'linear', R type 7); stdev is the sample one"
+
+
+def make_data(path: str, size: int) -> None:
+    with open(path, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, 4 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+
+
+def refresh_head(path: str) -> None:
+    """New content, same size: the next upload cannot be deduplicated."""
+    with open(path, "r+b") as f:
+        f.write(os.urandom(16))
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class Series:
+    """Timings of one tool: seconds per successful iteration, errors by type."""
+
+    def __init__(self, tool: str, size: int):
+        self.tool, self.size = tool, size
+        self.seconds: list[float] = []
+        self.errors: Counter[str] = Counter()
+
+    def measure(self, fn: Callable[[], object], record: bool) -> None:
+        """Time ``fn`` (wall clock); keep the time only for a recorded iteration."""
+        try:
+            t0 = time.perf_counter()
+            fn()
+            took = time.perf_counter() - t0
+        except Exception as exc:
+            if record:
+                self.errors[type(exc).__name__] += 1
+            return
+        if record:
+            self.seconds.append(took)
+
+    def summary(self) -> dict:
+        n = len(self.seconds) + sum(self.errors.values())
+        lat = summarize(s * 1000 for s in self.seconds)
+        rates = summarize(self.size / MiB / s for s in self.seconds if s > 0)
+        mean_s = lat.get("mean", 0) / 1000
+        return {
+            "tool": self.tool,
+            "iterations_ms": [round(s * 1000, 3) for s in self.seconds],
+            "latency_ms": {k: round(v, 3) for k, v in lat.items()},
+            "mib_per_s": {k: round(v, 2) for k, v in rates.items()},
+            "throughput_mib_s": round(self.size / MiB / mean_s, 2) if mean_s > 0 else None,
+            "success_rate": round(len(self.seconds) / n, 4) if n else None,
+            "errors": dict(self.errors),
+        }
+
+
+def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iterations: int = 5, warmup: int = 1,
+                      reference: bool = True, workdir: str | None = None, log=None) -> dict:
+    """Measure one operation on one backend; return the metrics for the run manifest."""
+    if op not in OPS:
+        raise ConfigError(f"unknown benchmark op {op!r} (choose from {', '.join(OPS)})")
+    size = int(size_mb * MiB)
+    store.backend.ensure_writable()  # the reference writes beside the store (an S3 bucket must exist)
+    work = tempfile.mkdtemp(prefix="slp-bench-", dir=workdir)
+    reset_peak_rss()
+    try:
+        data = os.path.join(work, "data.bin")
+        make_data(data, size)
+        hash_file(data)  # the page cache is warm for everyone
+        ours, ref = _measure(op, store, data, size, iterations, warmup, reference, work)
+        metrics = {"op": op, "backend": store.backend.name, "size_mb": size_mb, "size_bytes": size,
+                   "iterations": iterations, "warmup": warmup, "percentiles": PERCENTILES, "slp": ours.summary()}
+        if ref is not None:
+            metrics["reference"] = ref.summary()
+            a, b = metrics["slp"]["throughput_mib_s"], metrics["reference"]["throughput_mib_s"]
+            metrics["ratio_to_reference"] = round(a / b, 3) if a and b else None
+        metrics["peak_rss_mib"] = peak_rss_mib()
+        return metrics
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(op, store, data, size, iterations, warmup, reference, work):
+    ours = Series(f"slp {store.backend.name}", size)
+    ref_tool = reference_for(store.backend) if reference and op in ("upload", "download", "roundtrip") else None
+    ref = Series(ref_tool.name, size) if ref_tool else (Series("b3sum", size) if reference and op == "hash" else None)
+    counter = iter(range(1_000_000))
+
+    def fresh_cache() -> LocalCache:
+        return LocalCache(os.path.join(work, f"cache-{next(counter)}"))
+
+    def cleanup(oid: str) -> None:
+        for path in (store.object_path(BLOB, oid), store.manifest_path(BLOB, oid)):
+            if store.fs.exists(path):
+                store.fs.rm(path)
+
+    stored_oid, cold = None, None
+    warm_cache = LocalCache(os.path.join(work, "cache-warm"))
+    if op in ("download", "cache"):
+        stored_oid = store.put(data, BLOB).oid
+        if ref_tool:
+            ref_tool.upload(data)
+    try:
+        for i in range(warmup + iterations):
+            record = i >= warmup
+            if op == "upload":
+                refresh_head(data)
+                puts = []
+                ours.measure(lambda: puts.append(store.put(data, BLOB)), record)
+                for put in puts:
+                    cleanup(put.oid)
+                if ref:
+                    ref.measure(lambda: ref_tool.upload(data), record)
+            elif op == "download":
+                cache = fresh_cache()
+                ours.measure(lambda: cache.get(store, BLOB, stored_oid), record)
+                shutil.rmtree(cache.root, ignore_errors=True)
+                dest = os.path.join(work, "ref.out")
+                if ref:
+                    ref.measure(lambda: ref_tool.download(dest), record)
+                if os.path.exists(dest):
+                    os.unlink(dest)
+            elif op == "roundtrip":
+                refresh_head(data)
+                cache = fresh_cache()
+
+                def roundtrip():
+                    oid = store.put(data, BLOB).oid
+                    try:
+                        cache.get(store, BLOB, oid)  # streamed, hashed and checked on the way
+                    finally:
+                        cleanup(oid)
+
+                ours.measure(roundtrip, record)
+                shutil.rmtree(cache.root, ignore_errors=True)
+                dest = os.path.join(work, "ref.out")
+                if ref:
+                    ref.measure(lambda: ref_tool.upload(data) + ref_tool.download(dest), record)
+                if os.path.exists(dest):
+                    os.unlink(dest)
+            elif op == "hash":
+                ours.measure(lambda: hash_file(data), record)
+                if ref:
+                    ref.measure(lambda: b3sum_seconds(data), record)
+            elif op == "cache":
+                # one cold get, then warm gets of the same artifact (stat-validated hits)
+                if cold is None:
+                    cold = Series("slp cold get (download)", size)
+                    cold.measure(lambda: warm_cache.get(store, BLOB, stored_oid), True)
+                ours.measure(lambda: warm_cache.get(store, BLOB, stored_oid), record)
+        if op == "cache":
+            ours.tool = "slp warm get (stat-validated hit)"
+            ref = cold  # the ratio is then the speed-up of a warm get over a cold one
+    finally:
+        if stored_oid:
+            cleanup(stored_oid)
+        if ref_tool:
+            with contextlib.suppress(Exception):
+                ref_tool.cleanup()
+    return ours, ref
