@@ -22,7 +22,7 @@ from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
 from .backends import Backend
 from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
 from .gguf_header import read_gguf_metadata
-from .hashing import STREAM_CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
+from .hashing import FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
 
 VERIFY_MODES = ("size", "rehash")
@@ -158,8 +158,8 @@ class ArtifactStore:
                 return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final, digest.sha256)
 
             t1 = time.perf_counter()
-            if self.backend.transactional_open is not None and self.verify_upload == "size":
-                verification = self._write_transactional(local_path, final, digest, before, callback)
+            if self.backend.verified_upload is not None and self.verify_upload == "size":
+                verification = self._write_verified(local_path, final, digest, before, callback)
             else:
                 verification = self._write_then_rename(local_path, final, digest, before, callback)
             seconds = time.perf_counter() - t1
@@ -179,29 +179,17 @@ class ArtifactStore:
             raise
         return verification
 
-    def _write_transactional(self, local_path, final, digest, before, callback) -> str:
-        """Stream to the final name uncommitted, hashing what is sent; commit on a match.
+    def _write_verified(self, local_path, final, digest, before, callback) -> str:
+        """Send straight to the final name, invisible until the hash of the bytes sent
+        matches: spares S3 the server-side copy a rename costs, and checks the very
+        bytes that went out rather than only their count."""
 
-        This spares S3 the server-side copy a rename costs, and checks the very bytes
-        that were sent rather than only their count.
-        """
-        sent = StreamHasher()
-        f = self.fs.open(final, "wb", autocommit=False, **self.backend.transactional_open)
-        try:
-            with open(local_path, "rb") as src:
-                while chunk := src.read(STREAM_CHUNK):
-                    sent.update(chunk)
-                    f.write(chunk)
-                    callback.relative_update(len(chunk))
-            f.close()
-            if sent.digest().blake3 != digest.blake3:
+        def check(sent: FileDigest) -> None:
+            if sent.blake3 != digest.blake3:
                 raise IntegrityError(f"{local_path} changed while it was being stored; nothing was published")
             self._check_unchanged(local_path, before)
-            f.commit()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                f.discard()
-            raise
+
+        self.backend.verified_upload(local_path, final, check, callback=callback)
         return "inline-hash"
 
     def put_bytes(self, data: bytes, path: str) -> None:

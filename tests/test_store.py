@@ -46,7 +46,7 @@ def test_layout_and_manifest(store, prompts_file):
     assert m["provenance"]["team"] == "serving"
     assert m["provenance"]["uploader_host"]
     assert m["integrity"]["algorithm"] == "BLAKE3" and m["integrity"]["verified"] is True
-    expected = "inline-hash" if store.backend.transactional_open is not None else "size"
+    expected = "inline-hash" if store.backend.verified_upload is not None else "size"
     assert m["integrity"]["verification_method"] == expected
 
 
@@ -136,42 +136,35 @@ def test_bad_inputs_leave_nothing_behind(store, tmp_path):
 
 
 def test_file_changing_during_upload_is_not_published(store, tmp_path):
+    from fsspec.callbacks import Callback
+
     path = tmp_path / "moving.bin"
-    path.write_bytes(os.urandom(2 * 1024 * 1024))
+    path.write_bytes(os.urandom(12 * 1024 * 1024))  # several S3 parts
 
     def append_to_source():  # another writer changes the file mid-upload
         with open(path, "ab") as f:
             f.write(b"late bytes")
 
-    original_put_file, original_open = store.fs.put_file, store.fs.open
+    fired = []
 
-    def put_file_then_change(lpath, rpath, **kw):
+    class ChangeOnFirstProgress(Callback):  # streamed uploads report progress part by part
+        def call(self, *args, **kwargs):
+            if not fired:
+                fired.append(True)
+                append_to_source()
+
+    original_put_file = store.fs.put_file
+
+    def put_file_then_change(lpath, rpath, **kw):  # whole-file copies report no progress
         original_put_file(lpath, rpath, **kw)
         append_to_source()
 
-    class ChangingWriter:
-        def __init__(self, f):
-            self._f, self._changed = f, False
-
-        def write(self, data):
-            if not self._changed:
-                self._changed = True
-                append_to_source()
-            return self._f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-    def open_then_change(p, mode="rb", **kw):
-        f = original_open(p, mode, **kw)
-        return ChangingWriter(f) if "w" in mode else f
-
-    store.fs.put_file, store.fs.open = put_file_then_change, open_then_change
+    store.fs.put_file = put_file_then_change
     try:
         with pytest.raises(IntegrityError, match="changed while"):
-            store.put(str(path), BLOB)
+            store.put(str(path), BLOB, callback=ChangeOnFirstProgress())
     finally:
-        del store.fs.put_file, store.fs.open
+        del store.fs.put_file
     assert listing(store.backend) == []
 
 

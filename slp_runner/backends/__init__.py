@@ -6,6 +6,7 @@ only ever sees a :class:`Backend`; it never knows which kind it is.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -26,10 +27,13 @@ class Backend:
     read_options: keyword arguments for ``fs.open(..., "rb")`` that stream best on this backend.
     read_chunk: bytes per ``read()`` when streaming an object (one request each on S3).
     write_options: keyword arguments for ``fs.put_file`` (part sizes and the like).
-    transactional_open: set where ``fs.open(path, "wb", autocommit=False, **it)``
-        publishes nothing until ``commit()`` (S3 multipart uploads): the store then
-        writes straight to the final name, hashing what it sends, and commits only
-        if the hash matches; elsewhere it writes a temporary name and renames it.
+    local_paths: the filesystem's paths are this machine's paths (the local backend):
+        a get can then let the kernel copy the file and hash the copy.
+    verified_upload: set where an upload can be held invisible until checked
+        (S3 multipart): ``verified_upload(local_path, path, check, callback=)`` sends
+        the file straight to its final name, hashing the bytes it sends, and makes it
+        visible only if ``check(digest)`` passes. Elsewhere the store writes a
+        temporary name and renames it.
     """
 
     name: str
@@ -39,7 +43,8 @@ class Backend:
     read_options: dict = field(default_factory=dict)
     read_chunk: int = STREAM_CHUNK
     write_options: dict = field(default_factory=dict)
-    transactional_open: dict | None = None
+    local_paths: bool = False
+    verified_upload: Callable[..., None] | None = None
     prepare_write: Callable[[], None] | None = None
 
     def ensure_writable(self) -> None:
@@ -58,7 +63,7 @@ def local_backend(root: str, **_: Any) -> Backend:
 
     root = os.path.abspath(os.path.expanduser(root))
     fs = LocalFileSystem(auto_mkdir=True)
-    return Backend("local", fs, root, root, {"block_size": 8 * 1024 * 1024})
+    return Backend("local", fs, root, root, {"block_size": 8 * 1024 * 1024}, local_paths=True)
 
 
 def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, **_: Any) -> Backend:
@@ -90,6 +95,8 @@ def s3_backend(
     """
     import s3fs
 
+    from .s3_multipart import upload_verified
+
     client_kwargs = {"region_name": region}
     if endpoint_url:
         client_kwargs["endpoint_url"] = endpoint_url
@@ -113,6 +120,7 @@ def s3_backend(
         read_options={"block_size": 8 * 1024 * 1024, "cache_type": "none"},
         read_chunk=8 * 1024 * 1024,
         write_options={"chunksize": part_size_mb * 1024 * 1024},
-        transactional_open={"block_size": part_size_mb * 1024 * 1024},
+        verified_upload=functools.partial(upload_verified, fs, part_size=part_size_mb * 1024 * 1024,
+                                          concurrency=max_concurrency),
         prepare_write=make_bucket,
     )
