@@ -15,6 +15,7 @@ makes concurrent gets of one hash (threads or processes) download it once.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -96,10 +97,10 @@ class LocalCache:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{oid[:16]}.", suffix=".part")
         try:
             if store.backend.local_paths:
-                # The kernel copies (copy_file_range), then the copy itself is hashed:
-                # what is checked is what landed, at mmap + thread-pool BLAKE3 speed.
-                os.close(fd)
-                shutil.copyfile(store.object_path(kind, oid), tmp)
+                # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
+                # XFS), else the kernel's copy. Never a hard link: editing the cache entry
+                # would then corrupt the store. The result itself is hashed (mmap + threads).
+                _clone_or_copy(store.object_path(kind, oid), fd)
                 got = hash_file(tmp)
                 callback.relative_update(got.size)
             else:
@@ -145,6 +146,27 @@ class LocalCache:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path + ".verified")
+
+
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
+
+
+def _clone_or_copy(src: str, dst_fd: int) -> None:
+    """Fill the open file ``dst_fd`` with ``src``: reflink if possible, else copy; closes dst_fd."""
+    with open(src, "rb") as s, os.fdopen(dst_fd, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+            return
+        except OSError:
+            pass
+        try:  # in-kernel copy, no bytes through Python
+            while os.copy_file_range(s.fileno(), d.fileno(), 1 << 30):
+                pass
+        except OSError:
+            d.seek(0)
+            d.truncate()
+            s.seek(0)
+            shutil.copyfileobj(s, d, 8 * 1024 * 1024)
 
 
 def _stat_key(st: os.stat_result) -> list[int]:

@@ -29,6 +29,8 @@ class Backend:
     write_options: keyword arguments for ``fs.put_file`` (part sizes and the like).
     local_paths: the filesystem's paths are this machine's paths (the local backend):
         a get can then let the kernel copy the file and hash the copy.
+    atomic_put: a single small write is all-or-nothing (an S3 PUT): manifests and run
+        files are then written in place instead of through a temporary name.
     verified_upload: set where an upload can be held invisible until checked
         (S3 multipart): ``verified_upload(local_path, path, check, callback=)`` sends
         the file straight to its final name, hashing the bytes it sends, and makes it
@@ -44,6 +46,7 @@ class Backend:
     read_chunk: int = STREAM_CHUNK
     write_options: dict = field(default_factory=dict)
     local_paths: bool = False
+    atomic_put: bool = False
     verified_upload: Callable[..., None] | None = None
     prepare_write: Callable[[], None] | None = None
 
@@ -82,7 +85,7 @@ def s3_backend(
     create_bucket: bool = True,
     connect_timeout: float = 5.0,
     retries: int = 2,
-    part_size_mb: int = 32,
+    part_size_mb: int = 8,
     max_concurrency: int = 4,
     **_: Any,
 ) -> Backend:
@@ -123,4 +126,5 @@ def s3_backend(
         verified_upload=functools.partial(upload_verified, fs, part_size=part_size_mb * 1024 * 1024,
                                           concurrency=max_concurrency),
         prepare_write=make_bucket,
+        atomic_put=True,
     )
