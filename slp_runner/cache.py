@@ -120,12 +120,20 @@ class LocalCache:
 
     def _stream_into(self, fd: int, store: ArtifactStore, kind: ArtifactKind, oid: str, callback: Callback):
         hasher = StreamHasher()
-        with os.fdopen(fd, "wb") as out, store.open_object(kind, oid) as src:
-            with backend_errors(store.backend, f"downloading {oid}"):
-                while chunk := src.read(store.backend.read_chunk):
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    callback.relative_update(len(chunk))
+        with os.fdopen(fd, "wb") as out:
+
+            def sink(chunk: bytes) -> None:
+                hasher.update(chunk)
+                out.write(chunk)
+                callback.relative_update(len(chunk))
+
+            if store.backend.ordered_reader is not None:
+                with backend_errors(store.backend, f"downloading {oid}"):
+                    store.backend.ordered_reader(store.object_path(kind, oid), sink)
+            else:
+                with store.open_object(kind, oid) as src, backend_errors(store.backend, f"downloading {oid}"):
+                    while chunk := src.read(store.backend.read_chunk):
+                        sink(chunk)
         return hasher.digest()
 
     def _evict(self, path: str) -> None:

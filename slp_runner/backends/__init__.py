@@ -29,6 +29,8 @@ class Backend:
     write_options: keyword arguments for ``fs.put_file`` (part sizes and the like).
     local_paths: the filesystem's paths are this machine's paths (the local backend):
         a get can then let the kernel copy the file and hash the copy.
+    ordered_reader: set where concurrent ranged reads beat one stream (S3):
+        ``ordered_reader(path, sink)`` calls ``sink(bytes)`` part by part, in order.
     atomic_put: a single small write is all-or-nothing (an S3 PUT): manifests and run
         files are then written in place instead of through a temporary name.
     verified_upload: set where an upload can be held invisible until checked
@@ -46,6 +48,7 @@ class Backend:
     read_chunk: int = STREAM_CHUNK
     write_options: dict = field(default_factory=dict)
     local_paths: bool = False
+    ordered_reader: Callable[..., int] | None = None
     atomic_put: bool = False
     verified_upload: Callable[..., None] | None = None
     prepare_write: Callable[[], None] | None = None
@@ -87,6 +90,7 @@ def s3_backend(
     retries: int = 2,
     part_size_mb: int = 8,
     max_concurrency: int = 4,
+    read_concurrency: int = 8,
     **_: Any,
 ) -> Backend:
     """Any S3 service through s3fs (tested against SeaweedFS's ``weed s3`` gateway).
@@ -98,7 +102,7 @@ def s3_backend(
     """
     import s3fs
 
-    from .s3_multipart import upload_verified
+    from .s3_multipart import download_ordered, upload_verified
 
     client_kwargs = {"region_name": region}
     if endpoint_url:
@@ -125,6 +129,8 @@ def s3_backend(
         write_options={"chunksize": part_size_mb * 1024 * 1024},
         verified_upload=functools.partial(upload_verified, fs, part_size=part_size_mb * 1024 * 1024,
                                           concurrency=max_concurrency),
+        ordered_reader=functools.partial(download_ordered, fs, part_size=part_size_mb * 1024 * 1024,
+                                         concurrency=read_concurrency),
         prepare_write=make_bucket,
         atomic_put=True,
     )

@@ -1,16 +1,23 @@
-"""A verified S3 multipart upload: parts go out concurrently, the bytes sent are
+"""Concurrent S3 transfers that keep BLAKE3 in the loop.
+
+A verified S3 multipart upload: parts go out concurrently, the bytes sent are
 hashed in order as they are read, and the upload is completed (made visible) only
 if the caller's check of that hash passes; otherwise it is aborted.
 
 This is what lets the store write straight to ``models/<hash>.gguf`` on S3 with no
 temporary name and no server-side copy, while nothing is ever visible under a
 hash its bytes do not match. Memory holds at most ``concurrency + 1`` parts.
+
+An ordered ranged download: parts are fetched concurrently (as boto3's transfer
+manager does) and handed on in order, so the cache hashes while it writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from itertools import islice
 from typing import Callable
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
@@ -65,3 +72,19 @@ def _collect(done, in_flight, parts, callback) -> None:
         number, etag = fut.result()
         parts[number] = etag
         callback.relative_update(size)
+
+
+def download_ordered(fs, path: str, sink: Callable[[bytes], None], *, part_size: int = 8 * 1024 * 1024,
+                     concurrency: int = 4) -> int:
+    """Read ``path`` as concurrent ranged GETs, handing the parts to ``sink`` in order
+    (so it can hash as it writes). At most ``concurrency`` parts are in memory."""
+    size = fs.info(path)["size"]
+    ranges = iter([(off, min(off + part_size, size)) for off in range(0, size, part_size)])
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slp-s3-get") as pool:
+        pending = deque(pool.submit(fs.cat_file, path, start=a, end=b) for a, b in islice(ranges, concurrency))
+        while pending:
+            data = pending.popleft().result()
+            for a, b in islice(ranges, 1):
+                pending.append(pool.submit(fs.cat_file, path, start=a, end=b))
+            sink(data)
+    return size
