@@ -14,10 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import orjson
 
+from benchmarks._report import out_dir, publish
 from slp_runner.artifacts import MODEL, PROMPTS
 from slp_runner.backends import seaweedfs_backend
 from slp_runner.examples import gemma_path
@@ -81,13 +81,7 @@ def main(argv=None) -> int:
         lines += table("Cold cache", *cold) + table("Warm cache", *warm)
     finally:
         server.stop(timeout=5)
-    summary = "\n".join(lines) + "\n"
-    out_dir = os.path.join("runs", f"bench-infer-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(summary)
-    print(summary)
-    print(f"results in {out_dir}")
+    publish(out_dir("infer"), lines)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

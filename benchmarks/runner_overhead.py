@@ -15,10 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import orjson
 import yaml
+
+from benchmarks._report import out_dir, publish
 
 SLP = os.path.join(os.path.dirname(sys.executable), "slp")
 
@@ -91,14 +92,7 @@ def main() -> int:
     lines += ["", "| put_get_model, real Gemma 3 270M (253 MB) | wall s | manifest total s |", "|---|---|---|",
               f"| cold (hash + store + fetch into cache) | {cold_wall:.3f} | {cold['total_latency_ms'] / 1000:.3f} |",
               f"| fully cached re-run | {warm_wall:.3f} | {warm_m['total_latency_ms'] / 1000:.3f} |"]
-    summary = "\n".join(lines) + "\n"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out_dir = os.path.join("runs", f"bench-runner-{stamp}")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(summary)
-    print(summary)
-    print(f"results in {out_dir}")
+    publish(out_dir("runner"), lines)
     return 0
 
 

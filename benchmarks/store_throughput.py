@@ -20,10 +20,8 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
 
-import orjson
-
+from benchmarks._report import out_dir, publish
 from slp_runner.artifacts import BLOB
 from slp_runner.backends import Backend, local_backend, s3_backend, seaweedfs_backend
 from slp_runner.cache import LocalCache
@@ -126,9 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    out_dir = args.out or os.path.join("runs", f"bench-store-{stamp}")
-    os.makedirs(out_dir, exist_ok=True)
+    folder = args.out or out_dir("store")
+    os.makedirs(folder, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="slp-bench-")
     server = SeaweedServer(os.path.join(workdir, "seaweed"), free_ports()).start()
     results = {"size_mb": args.size_mb, "reps": args.reps, "throughput": {}, "peak_rss_mib": {}}
@@ -177,13 +174,7 @@ def main(argv=None) -> int:
               "| backend, file | put peak RSS MiB | get peak RSS MiB |", "|---|---|---|"]
     for name, r in results["peak_rss_mib"].items():
         lines.append(f"| {name} | {r['put']:.0f} | {r['get']:.0f} |")
-    summary = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "results.json"), "wb") as f:
-        f.write(orjson.dumps(results, option=orjson.OPT_INDENT_2))
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(summary)
-    print(summary)
-    print(f"results in {out_dir}")
+    publish(folder, lines, results)
     return 0
 
 
