@@ -93,7 +93,7 @@ bench: install
 	  { echo "b3sum is needed as the hashing reference (apt-get install b3sum)"; exit 1; }
 	@set -e; stamp=$$(date -u +%Y%m%d-%H%M%S); \
 	$(PY) -m slp_runner.seaweed_server up --dir $(SEAWEED_DIR)-bench >/dev/null; \
-	trap '$(PY) -m slp_runner.seaweed_server down --dir $(SEAWEED_DIR)-bench >/dev/null' EXIT; \
+	trap '$(PY) -m slp_runner.seaweed_server down --dir $(SEAWEED_DIR)-bench >/dev/null; rm -rf $(SEAWEED_DIR)-bench' EXIT; \
 	$(SLP) -m pipeline=bench_storage backend=local,seaweedfs,s3 bench.size_mb=$(BENCH_SIZES) \
 	  bench.op=upload,download bench.iterations=$(BENCH_ITER) hydra.sweep.dir=runs/bench-$$stamp/storage | sed -n '/^| backend/,$$p'; \
 	$(SLP) -m pipeline=bench_storage backend=local bench.size_mb=1024 bench.op=hash,cache \
