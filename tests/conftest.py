@@ -13,6 +13,25 @@ from slp_runner.seaweed_server import SeaweedServer, free_ports
 from slp_runner.store import ArtifactStore
 
 BACKEND_NAMES = ["local", "seaweedfs", "s3"]
+TEST_CONF = os.path.join(os.path.dirname(__file__), "conf")  # test pipelines (cycle, failing, ...)
+EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "prompts.jsonl")
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """Compose the real config with Hydra's compose API, pointed at this test's folders."""
+    from hydra import compose, initialize_config_dir
+
+    from slp_runner.cli import CONF_DIR
+
+    def make(*overrides):
+        with initialize_config_dir(CONF_DIR, version_base="1.3"):
+            return compose("config", overrides=[
+                f"hydra.searchpath=[file://{TEST_CONF}]",
+                f"backend.root={tmp_path / 'store'}", f"cache_dir={tmp_path / 'cache'}",
+                f"runner.runs_dir={tmp_path / 'runs'}", f"prompts.path={EXAMPLE_PROMPTS}", *overrides,
+            ])
+    return make
 
 
 @pytest.fixture(scope="session")

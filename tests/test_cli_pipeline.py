@@ -8,7 +8,7 @@ import time
 import orjson
 
 from test_cli import SLP, slp
-from test_pipeline import EXAMPLE_PROMPTS, TEST_CONF
+from conftest import EXAMPLE_PROMPTS, TEST_CONF
 
 import pytest
 

@@ -21,7 +21,6 @@ from slp_runner.engine.llama_server import ManagedLlamaServer
 from slp_runner.errors import RunFailed
 from slp_runner.pipeline import from_config
 from test_cli import SLP
-from test_pipeline import make_cfg as _make_cfg  # noqa: F401  (fixture)
 from test_pipeline import run
 
 FAST = ["infer.max_tokens=8", "engine.ctx_size=512"]
@@ -46,11 +45,6 @@ def external_server(gemma_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("ext") / "server.log"
     with ManagedLlamaServer(gemma_path, log_path=str(log), ctx_size=512, parallel=2) as server:
         yield server
-
-
-@pytest.fixture
-def make_cfg(_make_cfg):
-    return _make_cfg
 
 
 @pytest.fixture

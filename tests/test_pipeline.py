@@ -6,29 +6,14 @@ import stat
 
 import orjson
 import pytest
-from hydra import compose, initialize_config_dir
 
 from slp_runner.cache import LocalCache
-from slp_runner.cli import CONF_DIR, build_store
+from slp_runner.cli import build_store
 from slp_runner.errors import PipelineError, RunFailed
 from slp_runner.pipeline import from_config
 from slp_runner.pipeline.history import list_runs, load_manifest, verify_run
 from slp_runner.pipeline.run_folder import new_run_id
 
-TEST_CONF = os.path.join(os.path.dirname(__file__), "conf")
-EXAMPLE_PROMPTS = os.path.join(os.path.dirname(CONF_DIR), "examples", "prompts.jsonl")
-
-
-@pytest.fixture
-def make_cfg(tmp_path):
-    def make(*overrides):
-        with initialize_config_dir(CONF_DIR, version_base="1.3"):
-            return compose("config", overrides=[
-                f"hydra.searchpath=[file://{TEST_CONF}]",
-                f"backend.root={tmp_path / 'store'}", f"cache_dir={tmp_path / 'cache'}",
-                f"runner.runs_dir={tmp_path / 'runs'}", f"prompts.path={EXAMPLE_PROMPTS}", *overrides,
-            ])
-    return make
 
 
 def run(cfg, **kw):

@@ -4,7 +4,6 @@ finished jobs."""
 
 import csv
 import os
-import shutil
 import subprocess
 
 import orjson
