@@ -172,3 +172,11 @@ def test_user_stage_is_a_plain_function_without_hydra(tmp_path):
                      config_yaml="{}", overrides=[], runs_dir=str(tmp_path / "runs"), out=io.StringIO())
     assert result.records["twice"].outputs == {"value": 6}
     assert result.manifest["stages"]["count"]["metrics"] == {"words": 3}
+
+
+def test_s3_credentials_never_reach_the_saved_config(make_cfg):
+    cfg = make_cfg("backend=s3", "backend.key=AKIAEXAMPLEKEY", "backend.secret=top-secret-value")
+    text = from_config.redacted_yaml(cfg)
+    assert "AKIAEXAMPLEKEY" not in text and "top-secret-value" not in text
+    assert "key: '***'" in text and "secret: '***'" in text
+    assert "endpoint_url: http://127.0.0.1:8333" in text  # the rest stays, for reproduce
