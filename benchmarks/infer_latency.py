@@ -21,6 +21,7 @@ from benchmarks._report import out_dir, publish
 from slp_runner.artifacts import MODEL, PROMPTS
 from slp_runner.backends import seaweedfs_backend
 from slp_runner.examples import gemma_path
+from slp_runner.pipeline.run import cache_label
 from slp_runner.seaweed_server import SeaweedServer, free_ports
 from slp_runner.store import ArtifactStore
 
@@ -43,8 +44,8 @@ def table(title: str, wall: float, m: dict) -> list[str]:
     total = m["total_latency_ms"]
     lines = [f"**{title}** (run {m['run_id']})", "", "| Stage | Latency | % Total | cache |", "|---|---|---|---|"]
     for name, st in m["stages"].items():
-        cache = "stage" if st["cache_hit"] else ("local" if st["metrics"].get("cache_hit") else "miss")
-        lines.append(f"| {name} | {st['latency_ms'] / 1000:.3f} s | {100 * st['latency_ms'] / total:.1f}% | {cache} |")
+        lines.append(f"| {name} | {st['latency_ms'] / 1000:.3f} s | {100 * st['latency_ms'] / total:.1f}% "
+                     f"| {cache_label(st)} |")
     lines.append(f"| Total (run) | {total / 1000:.3f} s | 100% | |")
     inf = m["stages"]["inference"]["metrics"]
     engine_ms = sum(m["stages"][s]["latency_ms"] for s in ENGINE_STAGES)

@@ -30,7 +30,7 @@ from .artifacts import ArtifactKind
 from .errors import IntegrityError
 from .hashing import StreamHasher, hash_file, validate_oid
 from .manifest import utc_now
-from .store import ArtifactStore, backend_errors
+from .store import ArtifactStore
 
 
 @dataclass
@@ -127,13 +127,7 @@ class LocalCache:
                 out.write(chunk)
                 callback.relative_update(len(chunk))
 
-            if store.backend.ordered_reader is not None:
-                with backend_errors(store.backend, f"downloading {oid}"):
-                    store.backend.ordered_reader(store.object_path(kind, oid), sink)
-            else:
-                with store.open_object(kind, oid) as src, backend_errors(store.backend, f"downloading {oid}"):
-                    while chunk := src.read(store.backend.read_chunk):
-                        sink(chunk)
+            store.stream_object(store.object_path(kind, oid), sink)
         return hasher.digest()
 
     def _evict(self, path: str) -> None:

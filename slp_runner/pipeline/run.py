@@ -109,20 +109,24 @@ def execute(
     return result
 
 
+def cache_label(stage: dict) -> str:
+    """How a stage of a manifest was served: ``stage`` (an identical earlier execution
+    was reused), ``local`` (it ran, the artifact came from the local cache), ``miss``,
+    or its status when it did not complete."""
+    if stage["status"] != "completed":
+        return stage["status"]
+    if stage["cache_hit"]:
+        return "stage"
+    return "local" if (stage.get("metrics") or {}).get("cache_hit") else "miss"
+
+
 def _print_summary(manifest: dict, folder: str, out: TextIO) -> None:
     total = manifest["total_latency_ms"] or 1.0
     print(f"{'Stage':28} | {'Latency':>10} | {'% Total':>7} | cache", file=out)
     print(f"{'-' * 28}-|-{'-' * 10}-|-{'-' * 7}-|------", file=out)
     for name, st in manifest["stages"].items():
         pct = 100 * st["latency_ms"] / total
-        if st["status"] != "completed":
-            hit = st["status"]
-        elif st["cache_hit"]:
-            hit = "stage"  # skipped: an identical earlier execution was reused
-        elif (st.get("metrics") or {}).get("cache_hit"):
-            hit = "local"  # ran, but the artifact came from the local cache
-        else:
-            hit = "miss"
+        hit = cache_label(st)
         print(f"{name:28} | {st['latency_ms'] / 1000:>9.3f}s | {pct:>6.1f}% | {hit}", file=out)
     print(f"{'Total':28} | {total / 1000:>9.3f}s | {100.0:>6.1f}% |", file=out)
     for name, st in manifest["stages"].items():

@@ -100,8 +100,6 @@ class Runner:
                     fut.result()  # _run_stage records its own errors; this only re-raises interrupts
                     sorter.done(name)
         except KeyboardInterrupt:
-            for fut, name in running.items():
-                fut.cancel()
             for rec in records.values():
                 if rec.status in ("pending", "running"):
                     rec.status = "interrupted"
@@ -121,10 +119,13 @@ class Runner:
         try:
             kwargs = dict(spec.params)
             for key, value in spec.inputs.items():
-                kwargs[key] = records[value.stage].outputs.get(value.output) if isinstance(value, Ref) else value
-                if isinstance(value, Ref) and value.output not in records[value.stage].outputs:
-                    raise SlpError(f"stage {spec.name!r}: upstream {value} has no output {value.output!r} "
-                                   f"(it has {sorted(records[value.stage].outputs)})")
+                if isinstance(value, Ref):
+                    upstream = records[value.stage].outputs
+                    if value.output not in upstream:
+                        raise SlpError(f"stage {spec.name!r}: upstream {value} has no output {value.output!r} "
+                                       f"(it has {sorted(upstream)})")
+                    value = upstream[value.output]
+                kwargs[key] = value
             rec.inputs = {k: kwargs[k] for k in spec.inputs}
             rec.key = stage_key(spec, kwargs)
             if self.stage_cache is not None and spec.cache and not self.force:
