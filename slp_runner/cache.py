@@ -2,10 +2,14 @@
 
 Layout mirrors the backend (``<cache>/models/<hash>.gguf``), so a cached model is a
 plain GGUF path llama-server can load. Beside each object, ``<name>.verified``
-records the size, mtime and inode seen at the last full BLAKE3 check: a hit whose
-stat still matches is trusted without reading the file (microseconds for a
+records the size, mtime, ctime and inode seen at the last full BLAKE3 check: a hit
+whose stat still matches is trusted without reading the file (microseconds for a
 multi-GB model); anything else is re-hashed, and a mismatch is thrown away and
-fetched again.
+fetched again. The ctime is what makes the record trustworthy: every write, chmod
+or ``touch -d`` sets it to the present, and no user call can set it back, so an
+entry edited and given back its old mtime still fails the stat check. What the
+stat check cannot see (the disk silently flipping bits, or someone resetting the
+clock or writing the block device) is what ``full_verify=true`` is for.
 
 Downloads stream into a temporary file in the same folder while they are hashed
 and are renamed into place only when the hash matches. A per-object file lock
@@ -29,6 +33,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from .artifacts import ArtifactKind
 from .errors import IntegrityError
 from .hashing import StreamHasher, hash_file, validate_oid
+from .local_output import ensure_room, local_write
 from .manifest import utc_now
 from .store import ArtifactStore
 
@@ -68,9 +73,13 @@ class LocalCache:
         validate_oid(oid)
         path = self.path_for(kind, oid)
         t0 = time.perf_counter()
+        size = None
         if not os.path.exists(path):
-            store.require(kind, oid)  # before anything is created here for a hash nobody has
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Before anything is created here: a hash nobody has, or one this disk cannot hold.
+            size = store.size_of(kind, oid)
+            ensure_room(self.root, size, f"{kind.name} {oid}")
+        with local_write(self.root, size, f"{kind.name} {oid}"):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         with FileLock(path + ".lock"):
             repaired = False
             if os.path.exists(path):
@@ -80,7 +89,8 @@ class LocalCache:
                     return CacheGet(path, oid, st.st_size, True, how, time.perf_counter() - t0)
                 repaired = True
                 self._evict(path)
-            size = self._download(store, kind, oid, path, callback)
+            size = store.size_of(kind, oid) if size is None else size
+            size = self._download(store, kind, oid, path, size, callback)
             return CacheGet(path, oid, size, False, "download", time.perf_counter() - t0, repaired)
 
     def _validate(self, path: str, oid: str, full_verify: bool) -> str | None:
@@ -93,41 +103,55 @@ class LocalCache:
         self._write_record(path, os.stat(path))
         return "rehash"
 
-    def _download(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, callback: Callback) -> int:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{oid[:16]}.", suffix=".part")
+    def _download(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int,
+                  callback: Callback) -> int:
+        what = f"{kind.name} {oid}"
+        ensure_room(self.root, size, what)  # again: a corrupt entry may just have been evicted
+        tmp = None
         try:
-            if store.backend.local_paths:
-                # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
-                # XFS), else the kernel's copy. Never a hard link: editing the cache entry
-                # would then corrupt the store. The result itself is hashed (mmap + threads).
-                _clone_or_copy(store.object_path(kind, oid), fd)
-                got = hash_file(tmp)
-                callback.relative_update(got.size)
-            else:
-                got = self._stream_into(fd, store, kind, oid, callback)
+            with local_write(os.path.dirname(path), size, what):
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{oid[:16]}.", suffix=".part")
+                if store.backend.local_paths:
+                    # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
+                    # XFS), else the kernel's copy. Never a hard link: editing the cache entry
+                    # would then corrupt the store. The result itself is hashed (mmap + threads).
+                    _clone_or_copy(store.object_path(kind, oid), fd)
+                    got = hash_file(tmp)
+                    callback.relative_update(got.size)
+                else:
+                    got = self._stream_into(fd, store, kind, oid, size, callback)
             if got.blake3 != oid:
                 raise IntegrityError(
                     f"download of {kind.name} {oid} from {store.backend.location} hashed to {got.blake3}; discarded"
                 )
-            os.chmod(tmp, 0o444)  # cache entries are read-only: edits would break the address
-            os.replace(tmp, path)
-            self._write_record(path, os.stat(path))
+            with local_write(path, size, what):
+                os.chmod(tmp, 0o444)  # cache entries are read-only: edits would break the address
+                os.replace(tmp, path)
+                self._write_record(path, os.stat(path))
             return got.size
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             raise
 
-    def _stream_into(self, fd: int, store: ArtifactStore, kind: ArtifactKind, oid: str, callback: Callback):
+    def _stream_into(self, fd: int, store: ArtifactStore, kind: ArtifactKind, oid: str, size: int,
+                     callback: Callback):
         hasher = StreamHasher()
+        what = f"{kind.name} {oid}"
         with os.fdopen(fd, "wb") as out:
 
             def sink(chunk: bytes) -> None:
                 hasher.update(chunk)
-                out.write(chunk)
+                # Inside the backend's error mapping: a full local disk must be reported
+                # as what it is, not as the backend failing.
+                with local_write(self.root, size, what):
+                    out.write(chunk)
                 callback.relative_update(len(chunk))
 
             store.stream_object(store.object_path(kind, oid), sink)
+            with local_write(self.root, size, what):
+                out.flush()
         return hasher.digest()
 
     def _evict(self, path: str) -> None:
@@ -143,11 +167,16 @@ class LocalCache:
             return None
 
     def _write_record(self, path: str, st: os.stat_result) -> None:
+        """Best effort: without a record (a full disk, say) the next hit re-hashes."""
         data = orjson.dumps({"stat": _stat_key(st), "verified_at": utc_now(), "algorithm": "BLAKE3"})
         tmp = f"{path}.verified.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path + ".verified")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path + ".verified")
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
@@ -172,4 +201,5 @@ def _clone_or_copy(src: str, dst_fd: int) -> None:
 
 
 def _stat_key(st: os.stat_result) -> list[int]:
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+    # ctime: any write, chmod or touch moves it, and nothing a user runs can set it back.
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]

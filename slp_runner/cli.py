@@ -40,11 +40,20 @@ CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def build_backend(cfg: DictConfig) -> Backend:
     if "_target_" not in cfg.backend:
         raise ConfigError("backend config has no _target_")
-    return instantiate(cfg.backend, _convert_="all")
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(cfg.backend, _convert_="all")
+    except InstantiationException as exc:
+        # Hydra's message spans several lines (and may hold the config): keep its first,
+        # which names the target and the error.
+        cause = exc.__cause__
+        reason = f"{type(cause).__name__}: {cause}" if cause else str(exc).strip().splitlines()[0]
+        raise ConfigError(f"backend._target_ {cfg.backend._target_!r}: {reason.splitlines()[0]}") from None
 
 
 def build_store(cfg: DictConfig) -> ArtifactStore:
-    return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload)
+    return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing)
 
 
 def _provenance(cfg: DictConfig) -> dict[str, Any]:
@@ -81,6 +90,12 @@ def _get(kind_fixed=None) -> Callable[[DictConfig], Any]:
                             full_verify=cfg.full_verify, progress=cfg.progress)
 
     return run
+
+
+def _repair(cfg: DictConfig):
+    kind = kind_named(cfg.kind) if cfg.kind else None
+    return commands.repair(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>")),
+                           _need(cfg.path, "path=<local file with the right bytes>"), progress=cfg.progress)
 
 
 def _show(cfg: DictConfig):
@@ -131,7 +146,8 @@ def _run(cfg: DictConfig):
     result = from_config.run_pipeline(cfg, store, LocalCache(cfg.cache_dir), _overrides())
     if job_dir:
         sweep.write_job_result(job_dir, {"status": result.status, "run_id": result.run_id, "folder": result.folder,
-                                         "overrides": _overrides(), "stages": result.manifest["stages"]})
+                                         "overrides": _overrides(), "stages": result.manifest["stages"]},
+                                 from_config.redactor(cfg, store))
     return result
 
 
@@ -169,6 +185,7 @@ TASKS: dict[str, Callable[[DictConfig], Any]] = {
     "get": _get(),
     "show": _show,
     "verify": _verify,
+    "repair": _repair,
     "ls": _ls,
 }
 
@@ -191,7 +208,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"slp: error: {exc}", file=sys.stderr)
         job_dir = _multirun_job_dir()
         if job_dir:  # one failed job of a sweep: record it, let the others run
-            sweep.write_job_result(job_dir, {"status": "failed", "error": str(exc), "overrides": _overrides()})
+            sweep.write_job_result(job_dir, {"status": "failed", "error": str(exc), "overrides": _overrides()},
+                                   from_config.redactor(cfg))
             return
         raise SystemExit(1) from None
     except KeyboardInterrupt:
@@ -218,21 +236,94 @@ def check_group_choices(argv: list[str]) -> None:
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
-        if not sep or "." in key or "/" in key or not value or "," in value:
+        if sep and not key.strip():
+            raise ConfigError(f"malformed override {arg!r}: no key before '='")
+        if not sep or "." in key or "/" in key or "," in value:
             continue
         groups = [os.path.join(d, key) for d in dirs if os.path.isdir(os.path.join(d, key))]
         if groups and not any(os.path.exists(os.path.join(g, f"{value}.yaml")) for g in groups):
             choices = sorted({f[:-5] for g in groups for f in os.listdir(g) if f.endswith(".yaml")})
-            raise ConfigError(f"unknown {key} {value!r} (choose from {', '.join(choices)})")
+            what = f"{key} {value!r}" if value else f"override {arg!r}: no {key}"
+            raise ConfigError(f"unknown {what} (choose from {', '.join(choices)})")
+
+
+# Keys whose values are always strings, however they look: a BLAKE3 hash such as
+# 1e22...  would otherwise reach the code as the float inf, and 0123... as an int.
+STRING_KEYS = {"hash", "model.hash", "prompts.hash", "run", "path", "model.path", "prompts.path", "out",
+               "model.name", "prompts.name", "cache_dir", "backend.root", "backend.bucket", "backend.key",
+               "backend.secret", "backend.filer_url", "backend.endpoint_url"}
+
+
+def quote_string_values(argv: list[str]) -> list[str]:
+    """Quote ``key=value`` overrides of STRING_KEYS whose value Hydra would read as a
+    number or bool, so they reach the code as typed."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") in STRING_KEYS and value and not any(c in value for c in "'\"\\,[]{}()$ :"):
+            if value.lower() not in ("null", "none") and not _reads_as_string(arg):
+                arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def _reads_as_string(arg: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        (override,) = OverridesParser.create().parse_overrides([arg])
+    except Exception:  # malformed: Hydra reports it, in one line, when it composes
+        return True
+    return isinstance(override.value(), str)
+
+
+def hydra_error_line(exc: BaseException) -> str:
+    """One line out of a Hydra or OmegaConf error (their messages span several)."""
+    from hydra.errors import OverrideParseException
+
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    if isinstance(exc, OverrideParseException):
+        reason = line.split(": ", 1)[0] if line.startswith("LexerNoViableAltException") else line
+        if reason.startswith("Error parsing override"):
+            reason = lines[1] if len(lines) > 1 else "cannot be parsed"
+        return f"malformed override {exc.override!r}: {reason}"
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0].strip()
+        if first and first not in line:
+            line = f"{line.rstrip('.')}: {first}"
+    return line
 
 
 def main() -> None:
+    argv = sys.argv[1:]
     try:
-        check_group_choices(sys.argv[1:])
+        check_group_choices(argv)
     except SlpError as exc:
         print(f"slp: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    _hydra_main()
+    sys.argv[1:] = quote_string_values(argv)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    # Hydra prints its own errors over several lines, then exits; told to raise them
+    # instead, they are reported here in one. A user who set the variable gets the trace.
+    wants_trace = "HYDRA_FULL_ERROR" in os.environ
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except (HydraException, OmegaConfBaseException) as exc:
+        if wants_trace:
+            raise
+        print(f"slp: error: {hydra_error_line(exc)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:  # this machine's files: a full disk, a folder that cannot be made
+        if wants_trace:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"slp: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

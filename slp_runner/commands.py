@@ -16,10 +16,11 @@ from typing import Any, Callable, TextIO
 
 from fsspec.callbacks import DEFAULT_CALLBACK, TqdmCallback
 
-from .artifacts import ArtifactKind
+from .artifacts import KINDS, ArtifactKind
 from .cache import CacheGet, LocalCache
-from .errors import InputError
+from .errors import ArtifactNotFound, InputError
 from .hashing import validate_oid
+from .local_output import ensure_room, local_write
 from .store import ArtifactStore, PutResult
 
 MiB = 1024 * 1024
@@ -46,6 +47,8 @@ def put(
     provenance: dict[str, Any] | None = None,
     sha256: bool = False,
     progress: bool | str = "auto",
+    verify_existing: str | None = None,
+    expect_oid: str | None = None,
     out: TextIO = sys.stdout,
 ) -> PutResult:
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
@@ -56,20 +59,42 @@ def put(
     cb = progress_callback(progress, size, f"put {kind.name}")
     with cb if cb is not DEFAULT_CALLBACK else contextlib.nullcontext():
         result = store.put(path, kind, name=name, source=source, provenance=provenance, sha256=sha256,
-                           tool=f"slp put_{kind.name}", callback=cb)
+                           tool=f"slp put_{kind.name}", callback=cb, verify_existing=verify_existing,
+                           expect_oid=expect_oid)
     say(f"Hash (BLAKE3): {result.oid} ({result.hash_seconds:.2f} s)")
     if result.sha256:
         say(f"SHA256: {result.sha256}")
     label = name or os.path.basename(path)
+    # result.size is the stored object's size too: a put only deduplicates against
+    # an object whose size (or hash) it has just checked.
     if not result.uploaded:
-        say(f"Artifact already exists (hash={result.oid})")
+        say(f"Artifact already exists (hash={result.oid}), checked by {verify_existing or store.verify_existing}")
         say("Skipped upload (deduplication)")
         say(f"deduplicated {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")
         return result
+    if result.repaired:
+        say(f"Stored object was damaged ({result.repaired}): replaced")
     say(f"Upload complete: {result.seconds:.2f} s ({result.mib_per_s:.1f} MiB/s)")
-    say(f"Manifest created: {store.manifest_path(kind, result.oid)}")
+    say(f"Manifest: {store.manifest_path(kind, result.oid)}")
     say(f"Verification: OK ({result.verification})")
-    say(f"uploaded {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")
+    verb = "repaired" if result.repaired else "uploaded"
+    say(f"{verb} {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")
+    return result
+
+
+def repair(store: ArtifactStore, kind: ArtifactKind | None, oid: str, path: str, *, progress: bool | str = "auto",
+           out: TextIO = sys.stdout) -> PutResult:
+    """Re-hash the stored object ``oid``; if it is damaged or missing, replace it with
+    the local file at ``path``, which must hash to ``oid``."""
+    validate_oid(oid)
+    if kind is None:
+        try:
+            kind = store.find_kind(oid)
+        except ArtifactNotFound as exc:
+            raise ArtifactNotFound(f"{exc}; give kind=<{'|'.join(KINDS)}> to store it from {path}") from None
+    result = put(store, kind, path, progress=progress, verify_existing="hash", expect_oid=oid, out=out)
+    if not result.uploaded:
+        print(f"sound {kind.name} hash={oid}: the stored bytes hash right, nothing to repair", file=out, flush=True)
     return result
 
 
@@ -113,15 +138,20 @@ def materialize(cached: str, dest: str) -> str:
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
         raise InputError(f"{parent}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slp-", suffix=".part")
-    os.close(fd)
+    size = os.path.getsize(cached)
+    ensure_room(parent, size, f"out={dest}")
+    tmp = None
     try:
-        shutil.copyfile(cached, tmp)  # copy_file_range / sendfile on Linux
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
+        with local_write(dest, size, os.path.basename(cached)):
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slp-", suffix=".part")
+            os.close(fd)
+            shutil.copyfile(cached, tmp)  # copy_file_range / sendfile on Linux
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, dest)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
     return dest
 

@@ -9,6 +9,8 @@ non-zero without a traceback::
     ├── InputError           a local input that cannot be used
     │   ├── NotGGUF          a "model" whose magic bytes are not GGUF
     │   └── BadJSONL         a JSONL line that is not a JSON object (with line number)
+    ├── OutputError          a local file that cannot be written (full disk, no
+    │                        permission), naming the path and the bytes it needed
     ├── ArtifactNotFound     no object under that hash in the backend
     ├── IntegrityError       bytes whose BLAKE3 does not match the expected hash
     ├── BackendError         the backend failed or cannot be reached (names the URL)
@@ -42,6 +44,10 @@ class NotGGUF(InputError):
 
 
 class BadJSONL(InputError):
+    pass
+
+
+class OutputError(SlpError):
     pass
 
 

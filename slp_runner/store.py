@@ -28,6 +28,9 @@ from .hashing import FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
 
 VERIFY_MODES = ("size", "rehash")
+# How a put checks an object already stored under the hash before deduplicating
+# against it: ``size`` (one metadata request) or ``hash`` (re-read and re-hash it).
+EXISTING_CHECKS = ("size", "hash")
 INCOMING = ".incoming"
 
 
@@ -36,13 +39,14 @@ class PutResult:
     kind: ArtifactKind
     oid: str
     size: int
-    uploaded: bool  # False: the object was already there (deduplicated)
+    uploaded: bool  # False: the object was already there, sound (deduplicated)
     seconds: float  # upload time (0 when deduplicated)
     hash_seconds: float
     verification: str
     manifest: dict[str, Any]
     object_path: str
     sha256: str | None = None
+    repaired: str | None = None  # why a damaged stored object was replaced (None: it was not)
 
     @property
     def mib_per_s(self) -> float:
@@ -85,12 +89,15 @@ class ArtifactStore:
     ``rehash`` reads the stored object back and hashes it before it is published.
     """
 
-    def __init__(self, backend: Backend, verify_upload: str = "size"):
+    def __init__(self, backend: Backend, verify_upload: str = "size", verify_existing: str = "size"):
         if verify_upload not in VERIFY_MODES:
             raise ConfigError(f"unknown upload verification {verify_upload!r} (choose from {', '.join(VERIFY_MODES)})")
+        if verify_existing not in EXISTING_CHECKS:
+            raise ConfigError(f"unknown verify_existing {verify_existing!r} (choose from {', '.join(EXISTING_CHECKS)})")
         self.backend = backend
         self.fs = backend.fs
         self.verify_upload = verify_upload
+        self.verify_existing = verify_existing
 
     # -- addressing ---------------------------------------------------------------
 
@@ -114,10 +121,18 @@ class ArtifactStore:
         raise ArtifactNotFound(f"no artifact with hash {oid} in {self.backend.name} backend at {self.backend.location}")
 
     def require(self, kind: ArtifactKind, oid: str) -> None:
-        if not self.exists(kind, oid):
-            raise ArtifactNotFound(
-                f"no {kind.name} with hash {oid} in {self.backend.name} backend at {self.backend.location}"
-            )
+        self.size_of(kind, oid)
+
+    def size_of(self, kind: ArtifactKind, oid: str) -> int:
+        """The stored object's size in bytes; ArtifactNotFound if it is not there."""
+        path = self.object_path(kind, oid)
+        with backend_errors(self.backend, f"checking {path}"):
+            try:
+                return int(self.fs.info(path)["size"])
+            except FileNotFoundError:
+                raise ArtifactNotFound(
+                    f"no {kind.name} with hash {oid} in {self.backend.name} backend at {self.backend.location}"
+                ) from None
 
     # -- writing ------------------------------------------------------------------
 
@@ -132,8 +147,17 @@ class ArtifactStore:
         sha256: bool = False,
         tool: str = "slp put",
         callback: Callback = DEFAULT_CALLBACK,
+        verify_existing: str | None = None,
+        expect_oid: str | None = None,
     ) -> PutResult:
-        """Store a local file under its hash, with a manifest; skip the upload if present."""
+        """Store a local file under its hash, with a manifest.
+
+        An object already stored under the hash is checked first (its size, or with
+        ``verify_existing="hash"`` its bytes): a sound one is not uploaded again
+        (deduplicated); a damaged one is replaced through the same atomic path as a
+        new upload, and ``PutResult.repaired`` says why. ``expect_oid``: refuse a
+        file that does not hash to it (``repair``), before anything is sent.
+        """
         local_path = os.fspath(local_path)
         if not os.path.exists(local_path):
             raise InputError(f"{local_path}: no such file")
@@ -146,14 +170,17 @@ class ArtifactStore:
         digest = hash_file(local_path, sha256=sha256)
         hash_seconds = time.perf_counter() - t0
         oid = digest.blake3
+        if expect_oid is not None and oid != expect_oid:
+            raise InputError(f"{local_path} hashes to {oid}, not {expect_oid}: it cannot stand for that object")
         final = self.object_path(kind, oid)
         mpath = self.manifest_path(kind, oid)
 
         with backend_errors(self.backend, f"storing {final}"):
             self.backend.ensure_writable()
-            if self.fs.exists(final):
-                existing = self._read_manifest_or_none(kind, oid)
-                if existing is None:  # an earlier put stopped between object and manifest
+            present, damage = self._check_existing(final, digest, verify_existing or self.verify_existing)
+            if present and damage is None:
+                existing = self._sound_manifest_or_none(kind, oid)
+                if existing is None:  # an earlier put stopped between object and manifest, or it was damaged
                     existing = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, "existing")
                     self._publish_bytes(manifests.dumps(existing), mpath)
                 return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final, digest.sha256)
@@ -164,9 +191,32 @@ class ArtifactStore:
             else:
                 verification = self._write_then_rename(local_path, final, digest, before, callback)
             seconds = time.perf_counter() - t1
-            record = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, verification)
+            record = self._sound_manifest_or_none(kind, oid) if damage else None
+            if record is None:
+                record = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, verification)
+            if damage:
+                record["integrity"].update(repaired_at=manifests.utc_now(), repair_reason=damage,
+                                           verification_method=verification)
             self._publish_bytes(manifests.dumps(record), mpath)
-        return PutResult(kind, oid, digest.size, True, seconds, hash_seconds, verification, record, final, digest.sha256)
+        return PutResult(kind, oid, digest.size, True, seconds, hash_seconds, verification, record, final, digest.sha256,
+                         repaired=damage)
+
+    def _check_existing(self, final: str, digest: FileDigest, how: str) -> tuple[bool, str | None]:
+        """``(present, damage)`` for the object at ``final``: damage is None when it is
+        sound by the chosen check, else a one-line reason."""
+        if how not in EXISTING_CHECKS:
+            raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")
+        try:
+            size = int(self.fs.info(final)["size"])
+        except FileNotFoundError:
+            return False, None
+        if size != digest.size:
+            return True, f"stored size {size} != {digest.size} bytes"
+        if how == "hash":
+            got = self._hash_remote(final)
+            if got.blake3 != digest.blake3:
+                return True, f"stored bytes hash to {got.blake3}"
+        return True, None
 
     def _write_then_rename(self, local_path, final, digest, before, callback) -> str:
         tmp = self._incoming_name(digest.blake3)
@@ -278,12 +328,26 @@ class ArtifactStore:
         return found
 
     def _read_manifest_or_none(self, kind: ArtifactKind, oid: str) -> dict[str, Any] | None:
+        """The manifest, None if there is none; IntegrityError if it is not a manifest of ``oid``."""
         path = self.manifest_path(kind, oid)
         with backend_errors(self.backend, f"reading {path}"):
             try:
-                return manifests.loads(self.fs.cat_file(path))
+                data = self.fs.cat_file(path)
             except FileNotFoundError:
                 return None
+        try:
+            found = manifests.loads(data)
+        except ValueError:
+            raise IntegrityError(f"manifest {path} is damaged (not JSON)") from None
+        if not isinstance(found, dict) or found.get("blake3") != oid:
+            raise IntegrityError(f"manifest {path} is damaged (it does not describe {oid})")
+        return found
+
+    def _sound_manifest_or_none(self, kind: ArtifactKind, oid: str) -> dict[str, Any] | None:
+        try:
+            return self._read_manifest_or_none(kind, oid)
+        except IntegrityError:
+            return None  # rewritten by the caller
 
     def _hash_remote(self, path: str) -> FileDigest:
         hasher = StreamHasher()

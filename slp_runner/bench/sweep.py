@@ -1,6 +1,7 @@
 """Hydra multirun sweeps: each job leaves ``result.json`` in its job folder; at the
 end the :class:`SweepSummary` callback gathers them into ``summary.csv``,
-``summary.md`` and ``throughput.png`` beside the jobs.
+``summary.md`` and ``throughput.png`` beside the jobs. The :class:`ScrubSweep`
+callback keeps secrets out of all of it, and out of Hydra's own ``multirun.yaml``.
 
 A sweep interrupted part-way is resumed by running the same command again with
 ``hydra.sweep.dir=<its folder> resume=true``: Hydra numbers the jobs the same way,
@@ -17,17 +18,25 @@ from typing import Any
 import orjson
 from hydra.experimental.callback import Callback
 
+from ..redaction import Redactor
+
 RESULT = "result.json"
+MULTIRUN_YAML = "multirun.yaml"  # what Hydra's basic sweeper saves in the sweep folder
 COLUMNS = ["backend", "op", "size_mb", "status", "slp_mib_s", "slp_p50_ms", "slp_p95_ms", "slp_p99_ms",
            "slp_stdev_ms", "success_rate", "errors", "reference", "reference_mib_s", "ratio", "peak_rss_mib",
            "run_id", "job"]
 
 
-def write_job_result(job_dir: str, result: dict[str, Any]) -> None:
+def write_job_result(job_dir: str, result: dict[str, Any], redactor: Redactor | None = None) -> None:
+    """Write a job's ``result.json``, its overrides and error scrubbed of secrets by
+    ``redactor`` (default: this process's environment's)."""
+    redactor = redactor or Redactor()
+    if "overrides" in result:
+        result = {**result, "overrides": redactor.overrides(result["overrides"])}
     os.makedirs(job_dir, exist_ok=True)
     tmp = os.path.join(job_dir, f".{RESULT}.tmp")
     with open(tmp, "wb") as f:
-        f.write(orjson.dumps(result, option=orjson.OPT_INDENT_2, default=str))
+        f.write(redactor.bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2, default=str)))
     os.replace(tmp, os.path.join(job_dir, RESULT))
 
 
@@ -156,3 +165,58 @@ class SweepSummary(Callback):
             print(f"slp: error: {len(failed)} of {len(rows)} sweep jobs failed; resume with "
                   f"hydra.sweep.dir={sweep_dir} resume=true")
             raise SystemExit(1)
+
+
+class ScrubSweep(Callback):
+    """Hydra callback: keep secrets out of what Hydra itself writes in the sweep folder.
+
+    Hydra's basic sweeper saves the whole multirun config as ``multirun.yaml`` before
+    the first job starts, command-line secrets included, and no setting turns that
+    off; so each job masks it as it starts (before any slow work), and the sweep's end
+    scrubs every file of the folder once more.
+    """
+
+    def on_job_start(self, config, **kwargs) -> None:
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:  # a single run: Hydra wrote nothing
+            return
+        _scrub_hydra_yaml(os.path.join(config.hydra.sweep.dir, MULTIRUN_YAML), _redactor(config))
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        redactor = _redactor(config)
+        _scrub_hydra_yaml(os.path.join(config.hydra.sweep.dir, MULTIRUN_YAML), redactor)
+        redactor.scrub_folder(config.hydra.sweep.dir)
+
+
+def _redactor(config) -> Redactor:
+    from ..pipeline.from_config import redactor
+
+    return redactor(config)
+
+
+def _scrub_hydra_yaml(path: str, redactor: Redactor) -> None:
+    """Mask a saved Hydra config by key name and by value, its override lists too."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            tree = yaml.safe_load(f)
+    except FileNotFoundError:
+        return
+    if not isinstance(tree, dict):
+        return
+    clean = redactor.tree(tree)
+    hydra = clean.get("hydra") or {}
+    for name, values in (hydra.get("overrides") or {}).items():
+        if isinstance(values, list):
+            hydra["overrides"][name] = redactor.overrides(str(v) for v in values)
+    job = hydra.get("job") or {}
+    if isinstance(job.get("override_dirname"), str):  # the task overrides again, joined by ","
+        job["override_dirname"] = ",".join(redactor.overrides(job["override_dirname"].split(",")))
+    if clean == tree:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"  # jobs of a parallel launcher may rewrite it at once
+    with open(tmp, "w") as f:
+        yaml.safe_dump(clean, f, sort_keys=False)
+    os.replace(tmp, path)

@@ -11,10 +11,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cache import LocalCache
 from ..errors import ConfigError
+from ..redaction import REDACTED, Redactor, mask_names
 from ..store import ArtifactStore
 from .history import compare_runs, load_manifest, load_run_file
 from .run import RunResult, execute
-from .run_folder import REDACTED, redact
 from .spec import Pipeline, build_pipeline
 
 
@@ -28,7 +28,19 @@ def pipeline_from_config(cfg: DictConfig) -> Pipeline:
 
 def redacted_yaml(cfg: DictConfig) -> str:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return yaml.safe_dump(redact(plain), sort_keys=False)
+    return yaml.safe_dump(mask_names(plain), sort_keys=False)
+
+
+def redactor(cfg: DictConfig, store: ArtifactStore | None = None) -> Redactor:
+    """The secrets a run of ``cfg`` must keep out of its files: the config's, the
+    environment's, and the credentials of the store's backend."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)  # a callback's config holds Hydra's own node, not all resolvable
+    try:
+        tree = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except Exception:  # a broken interpolation is reported elsewhere; keep what is literal
+        tree = raw
+    return Redactor(config=tree, fs=store.backend.fs if store is not None else None)
 
 
 def run_options(cfg: DictConfig) -> dict[str, Any]:
@@ -44,16 +56,31 @@ def run_pipeline(cfg: DictConfig, store: ArtifactStore, cache: LocalCache, overr
         pipeline_from_config(cfg), store, cache,
         config_yaml=redacted_yaml(cfg), overrides=overrides, runs_dir=runner.runs_dir,
         workers=runner.workers, force=runner.force if force is None else force, upload=runner.upload,
-        options=run_options(cfg), reproduces=reproduces, out=out,
+        options=run_options(cfg), reproduces=reproduces, redactor=redactor(cfg, store), out=out,
     )
 
 
 def _unredact(saved: Any, current: Any) -> Any:
-    """The saved config, with each redacted secret taken from the current config."""
+    """The saved config, with each redacted value (a secret, or a string a secret was
+    masked in) taken from the current config."""
     if isinstance(saved, dict):
         cur = current if isinstance(current, dict) else {}
-        return {k: (cur.get(k) if v == REDACTED else _unredact(v, cur.get(k))) for k, v in saved.items()}
+        return {k: (cur.get(k) if v == REDACTED else cur.get(k, v) if isinstance(v, str) and REDACTED in v
+                    else _unredact(v, cur.get(k))) for k, v in saved.items()}
     return saved
+
+
+def _unredact_overrides(saved: list[str], current: Any) -> list[str]:
+    """``backend.secret=***`` -> ``backend.secret=<its value in the current config>``
+    (the new run masks it again); an override naming nothing current stays masked."""
+    out = []
+    for o in saved:
+        key, sep, value = o.partition("=")
+        node: Any = current
+        for part in key.lstrip("+~").split("@", 1)[0].split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out.append(f"{key}={node}" if sep and REDACTED in value and isinstance(node, (str, int, float)) else o)
+    return out
 
 
 def reproduce(cfg: DictConfig, store: ArtifactStore, cache: LocalCache, run_id: str,
@@ -66,8 +93,8 @@ def reproduce(cfg: DictConfig, store: ArtifactStore, cache: LocalCache, run_id: 
     merged = _unredact(saved, current)
     merged["runner"] = current["runner"]  # where runs go is this machine's business
     merged["backend"] = current["backend"]
-    overrides = [*orjson.loads(load_run_file(run_id, "overrides.yaml", cfg.runner.runs_dir, store)),
-                 f"# reproduces {run_id}"]
+    saved_overrides = orjson.loads(load_run_file(run_id, "overrides.yaml", cfg.runner.runs_dir, store))
+    overrides = [*_unredact_overrides(saved_overrides, current), f"# reproduces {run_id}"]
     print(f"reproducing {run_id} ({original.get('pipeline')})", file=out)
     result = run_pipeline(OmegaConf.create(merged), store, cache, overrides, force=True, reproduces=run_id, out=out)
     comparison = compare_runs(original, result.manifest, out)

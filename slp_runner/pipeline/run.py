@@ -11,6 +11,7 @@ from typing import Any, TextIO
 from ..cache import LocalCache
 from ..errors import RunFailed
 from ..manifest import utc_now
+from ..redaction import Redactor
 from ..store import ArtifactStore
 from .context import ArtifactRef
 from .run_folder import RunFolder, new_run_id
@@ -53,21 +54,27 @@ def execute(
     upload: bool = True,
     options: dict | None = None,
     reproduces: str | None = None,
+    redactor: Redactor | None = None,
     out: TextIO = sys.stdout,
 ) -> RunResult:
     """Run ``pipeline``, write its immutable run folder, publish it, and return the result.
 
-    ``config_yaml`` must already be redacted. Raises RunFailed (after the folder is
-    written) when a stage failed; KeyboardInterrupt leaves a folder marked interrupted.
+    ``config_yaml`` must already have its secret-named keys masked; ``redactor``
+    (default: the secrets of this process's environment and of the store's backend)
+    then scrubs every file of the folder, the returned manifest and the error.
+    Raises RunFailed (after the folder is written) when a stage failed;
+    KeyboardInterrupt leaves a folder marked interrupted.
     """
+    redactor = redactor or Redactor(fs=store.backend.fs)
+    config_yaml = redactor.text(config_yaml)
     run_id = new_run_id(config_yaml.encode())
     folder = RunFolder(runs_dir, run_id)
     folder.write_bytes("config.yaml", config_yaml.encode())
-    folder.write_json("overrides.yaml", overrides)  # JSON is YAML
+    folder.write_json("overrides.yaml", redactor.overrides(overrides))  # JSON is YAML
     start, t0 = utc_now(), time.perf_counter()
     print(f"run {run_id}: pipeline {pipeline.name}, {len(pipeline.stages)} stages, backend {store.backend.name}",
           file=out, flush=True)
-    runner = Runner(store, cache, workers=workers, force=force, options=options)
+    runner = Runner(store, cache, workers=workers, force=force, options=options, redactor=redactor)
     status = "completed"
     records: dict[str, StageRecord] = {}
     interrupted = False
@@ -88,14 +95,15 @@ def execute(
         "backend": {"name": store.backend.name, "location": store.backend.location},
         "artifacts": collect_artifacts(records),
         "stages": {name: rec.to_json() for name, rec in records.items()},
-        "overrides": overrides,
+        "overrides": redactor.overrides(overrides),
         "system": system_info(PROJECT_DIR),
     }
     if reproduces:
         manifest["reproduces"] = reproduces
-    folder.write_json("metrics.json", {name: rec.metrics for name, rec in records.items()})
+    manifest = redactor.tree(manifest, names=False)  # stage errors, inputs, outputs, metrics
+    folder.write_json("metrics.json", {name: st["metrics"] for name, st in manifest["stages"].items()})
     folder.write_json("manifest.json", manifest)
-    final = folder.finalize()
+    final = folder.finalize(redactor)  # logs and stage files too
     _print_summary(manifest, final, out)
     if upload and not interrupted:
         n = folder.upload(store)
@@ -104,7 +112,7 @@ def execute(
         raise KeyboardInterrupt
     result = RunResult(run_id, status, final, manifest, records)
     if status != "completed":
-        failed = [f"{n}: {r.error}" for n, r in records.items() if r.status == "failed"]
+        failed = [f"{n}: {st['error']}" for n, st in manifest["stages"].items() if st["status"] == "failed"]
         raise RunFailed(f"run {run_id} failed ({'; '.join(failed)[:500]}); folder {final}")
     return result
 

@@ -2,14 +2,15 @@
 
     runs/<run_id>/
       manifest.json      run id, status, times, every artifact and stage, system info
-      config.yaml        the resolved config, secrets redacted
-      overrides.yaml     the command-line overrides
+      config.yaml        the resolved config (every secret as ***)
+      overrides.yaml     the command-line overrides (likewise)
       metrics.json       every stage's metrics
       logs/<stage>.log   one log per stage
       stages/<stage>/    files a stage wrote (results.jsonl, ...)
 
-A run is written under ``runs/.staging/<run_id>`` and renamed into place whole,
-then made read-only: a folder under ``runs/`` is never half-written nor rewritten.
+A run is written under ``runs/.staging/<run_id>``, scrubbed of every secret the
+process knows (see :mod:`slp_runner.redaction`), renamed into place whole, then made
+read-only: a folder under ``runs/`` is never half-written nor rewritten.
 The finished folder is then copied to the backend under ``runs/<run_id>/``, the
 manifest last, so a manifest in the backend means the whole folder is there.
 """
@@ -25,11 +26,10 @@ from datetime import datetime, timezone
 import blake3
 import orjson
 
+from ..redaction import Redactor
 from ..store import ArtifactStore
 
 RUN_ID_RE = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{8}")
-SECRET_KEY_RE = re.compile(r"(secret|password|passwd|token|credential|api_key|access_key|^key$)", re.I)
-REDACTED = "***"
 
 
 def new_run_id(content: bytes) -> str:
@@ -38,16 +38,6 @@ def new_run_id(content: bytes) -> str:
     now = datetime.now(timezone.utc)
     salt = f"{time.time_ns()}:{os.getpid()}".encode() + os.urandom(8)
     return f"run-{now:%Y%m%d-%H%M%S}-{blake3.blake3(content + salt).hexdigest()[:8]}"
-
-
-def redact(value, key: str = ""):
-    """A copy of a config tree with secret-looking keys replaced by ``***``."""
-    if isinstance(value, dict):
-        return {k: (REDACTED if SECRET_KEY_RE.search(str(k)) and v not in (None, "") and not isinstance(v, dict)
-                    else redact(v, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    return value
 
 
 class RunFolder:
@@ -72,8 +62,11 @@ class RunFolder:
     def write_json(self, rel: str, obj) -> str:
         return self.write_bytes(rel, orjson.dumps(obj, option=orjson.OPT_INDENT_2, default=str) + b"\n")
 
-    def finalize(self) -> str:
-        """Move the finished folder into place in one rename, then make it read-only."""
+    def finalize(self, redactor: Redactor | None = None) -> str:
+        """Scrub the finished folder of secrets, move it into place in one rename, then
+        make it read-only (so the scrub must come first)."""
+        if redactor is not None:
+            redactor.scrub_folder(self.staging)
         os.rename(self.staging, self.final)
         for root, dirs, files in os.walk(self.final):
             for name in files:

@@ -17,6 +17,7 @@ from typing import Any
 from ..cache import LocalCache
 from ..errors import SlpError
 from ..manifest import utc_now
+from ..redaction import Redactor
 from ..store import ArtifactStore
 from .context import StageContext, to_json
 from .spec import Pipeline, Ref, StageSpec
@@ -36,10 +37,11 @@ class StageRecord:
     key: str | None = None
     target: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    code: dict[str, Any] = field(default_factory=dict)  # the target's code fingerprint
 
     def to_json(self) -> dict:
         return {
-            "status": self.status, "target": self.target, "cache_hit": self.cache_hit,
+            "status": self.status, "target": self.target, "code": self.code, "cache_hit": self.cache_hit,
             "latency_ms": round(self.latency_ms, 3), "started_at": self.started_at, "key": self.key,
             "inputs": to_json(self.inputs), "outputs": to_json(self.outputs), "metrics": self.metrics,
             **({"error": self.error} if self.error else {}),
@@ -52,15 +54,16 @@ class Runner:
     workers: how many independent stages may run at once.
     force: ignore the stage cache (every stage runs; results are recorded anew).
     options: run-wide settings handed to every stage as ``ctx.options``.
+    redactor: scrubs secrets from the stage cache records this runner writes.
     """
 
     def __init__(self, store: ArtifactStore, cache: LocalCache, *, workers: int = 4, force: bool = False,
-                 use_stage_cache: bool = True, options: dict | None = None):
+                 use_stage_cache: bool = True, options: dict | None = None, redactor: Redactor | None = None):
         self.store = store
         self.cache = cache
         self.workers = max(1, int(workers))
         self.force = force
-        self.stage_cache = StageCache(store) if use_stage_cache else None
+        self.stage_cache = StageCache(store, redactor) if use_stage_cache else None
         self.options = options or {}
         self.records: dict[str, StageRecord] = {}
 
@@ -71,7 +74,8 @@ class Runner:
         run_dir: where stages write now; final_dir: where that folder will be moved.
         """
         self._moves_to = (run_dir, final_dir) if final_dir else None
-        records = {name: StageRecord(name, target=spec.target) for name, spec in pipeline.stages.items()}
+        records = {name: StageRecord(name, target=spec.target, code=spec.code)
+                   for name, spec in pipeline.stages.items()}
         self.records = records  # readable after an interrupt
         sorter = pipeline.sorter()
         sorter.prepare()

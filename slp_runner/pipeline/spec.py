@@ -10,12 +10,12 @@ name the stage.
 from __future__ import annotations
 
 import graphlib
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hydra.utils import get_method
-
 from ..errors import PipelineError
+from .code_fingerprint import code_fingerprint
 
 REF_PREFIX = "@"
 
@@ -47,6 +47,13 @@ class StageSpec:
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)  # values or Ref
     cache: bool = True  # may the stage cache reuse an earlier execution?
+    # What code ``fn`` runs (see code_fingerprint); part of the stage cache key.
+    # Taken when the spec is made, so the key and the manifest name the same code.
+    code: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            self.code = code_fingerprint(self.fn)
 
     def refs(self) -> list[Ref]:
         return [v for v in self.inputs.values() if isinstance(v, Ref)]
@@ -86,13 +93,50 @@ def _parse_inputs(name: str, inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_target(name: str, target: Any) -> Callable[..., Any]:
+    """The callable ``target`` names. A module that is missing makes an unknown target;
+    a module that exists but fails to import is reported with its own error."""
     if not isinstance(target, str) or not target:
         raise PipelineError(f"stage {name!r}: missing _target_")
-    try:
-        fn = get_method(target)
-    except Exception:
-        raise PipelineError(f"stage {name!r}: unknown target {target!r}") from None
-    return fn
+    module_name, _, attr = target.rpartition(".")
+    if module_name:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not exc.name or not (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                raise PipelineError(f"stage {name!r}: target {target!r}: importing {module_name} failed: "
+                                    f"ModuleNotFoundError: {exc}") from None
+            return _nested_attribute(name, target)  # maybe ``module.Class.method``
+        except Exception as exc:  # a SyntaxError, or anything the module raises as it loads
+            raise PipelineError(f"stage {name!r}: target {target!r}: importing {module_name} failed: "
+                                f"{type(exc).__name__}: {_one_line(exc)}") from None
+        if module is not None:
+            fn = getattr(module, attr, None)
+            if fn is None:
+                raise PipelineError(f"stage {name!r}: unknown target {target!r} (module {module_name} has no {attr!r})")
+            if not callable(fn):
+                raise PipelineError(f"stage {name!r}: target {target!r} is not callable")
+            return fn
+    raise PipelineError(f"stage {name!r}: unknown target {target!r} (expected module.function)")
+
+
+def _nested_attribute(name: str, target: str) -> Callable[..., Any]:
+    parts = target.split(".")
+    for cut in range(len(parts) - 2, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+        if callable(obj):
+            return obj
+        break
+    raise PipelineError(f"stage {name!r}: unknown target {target!r}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def build_pipeline(name: str, stages: dict[str, dict[str, Any]]) -> Pipeline:
