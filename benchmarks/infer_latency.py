@@ -2,7 +2,7 @@
 "End-to-End Pipeline Latency" table: per-stage latency and share of the total,
 tokens/s, and the share of wall time spent outside the engine.
 
-    python -m benchmarks.infer_latency [--prompts examples/prompts.jsonl] [--max-tokens 64]
+    python -m benchmarks.infer_latency [--prompts slp_runner/examples/prompts.jsonl] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def table(title: str, wall: float, m: dict) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", default="examples/prompts.jsonl")
+    ap.add_argument("--prompts", default="slp_runner/examples/prompts.jsonl")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)

@@ -3,7 +3,7 @@
     slp task=put_model model.path=gemma.gguf model.name=gemma3-270m
     slp task=get_model hash=<blake3> out=model.gguf backend=seaweedfs
     slp task=put_prompts prompts.path=prompts.jsonl backend=s3
-    slp pipeline=put_get_model backend=seaweedfs     # a declared pipeline (conf/pipeline/)
+    slp pipeline=put_get_model backend=seaweedfs     # a declared pipeline (slp_runner/conf/pipeline/)
     slp task=reproduce run=<run_id>                  # re-run it, compare output hashes
     slp task=verify_run run=<run_id>                 # re-hash every artifact it references
     slp task=runs                                    # recent runs
@@ -34,7 +34,8 @@ from .store import ArtifactStore
 
 register_resolvers()
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+# The configs ship inside the package; users add their own folders with hydra.searchpath.
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 def build_backend(cfg: DictConfig) -> Backend:
@@ -45,6 +46,8 @@ def build_backend(cfg: DictConfig) -> Backend:
     try:
         return instantiate(cfg.backend, _convert_="all")
     except InstantiationException as exc:
+        if isinstance(exc.__cause__, SlpError):  # the factory's own one-line error (a missing extra, ...)
+            raise exc.__cause__ from None
         # Hydra's message spans several lines (and may hold the config): keep its first,
         # which names the target and the error.
         cause = exc.__cause__
@@ -202,13 +205,19 @@ def run_task(cfg: DictConfig) -> Any:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         run_task(cfg)
-    except SlpError as exc:
-        print(f"slp: error: {exc}", file=sys.stderr)
+    except (SlpError, OmegaConfBaseException) as exc:
+        # A config value resolved late (an interpolation, a resolver) fails as an
+        # OmegaConf error: report the SlpError behind it, or its first line.
+        cause = exc if isinstance(exc, SlpError) else exc.__cause__
+        message = str(cause) if isinstance(cause, SlpError) else hydra_error_line(exc)
+        print(f"slp: error: {message}", file=sys.stderr)
         job_dir = _multirun_job_dir()
         if job_dir:  # one failed job of a sweep: record it, let the others run
-            sweep.write_job_result(job_dir, {"status": "failed", "error": str(exc), "overrides": _overrides()},
+            sweep.write_job_result(job_dir, {"status": "failed", "error": message, "overrides": _overrides()},
                                    from_config.redactor(cfg))
             return
         raise SystemExit(1) from None

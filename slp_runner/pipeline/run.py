@@ -19,7 +19,6 @@ from .runner import Runner, StageRecord
 from .spec import Pipeline
 from .system_info import system_info
 
-PROJECT_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclass
@@ -96,7 +95,7 @@ def execute(
         "artifacts": collect_artifacts(records),
         "stages": {name: rec.to_json() for name, rec in records.items()},
         "overrides": redactor.overrides(overrides),
-        "system": system_info(PROJECT_DIR),
+        "system": system_info(os.getcwd()),  # the git commit of the project the user runs from
     }
     if reproduces:
         manifest["reproduces"] = reproduces
