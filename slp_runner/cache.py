@@ -30,9 +30,9 @@ import orjson
 from filelock import FileLock
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from .artifacts import ArtifactKind
+from .artifacts import KINDS, ArtifactKind
 from .errors import IntegrityError
-from .hashing import StreamHasher, hash_file, validate_oid
+from .hashing import OID_RE, StreamHasher, hash_file, validate_oid
 from .local_output import ensure_room, local_write
 from .manifest import utc_now
 from .store import ArtifactStore
@@ -59,6 +59,23 @@ class LocalCache:
 
     def path_for(self, kind: ArtifactKind, oid: str) -> str:
         return os.path.join(self.root, kind.object_name(oid))
+
+    def entry_oid(self, path: str) -> str | None:
+        """The hash ``path`` is the cache entry of, or None if it is not an entry here."""
+        path = os.path.abspath(path)
+        rel = os.path.relpath(path, self.root)
+        if rel.startswith(os.pardir) or rel.count(os.sep) != 1:
+            return None
+        folder, name = rel.split(os.sep)
+        for kind in KINDS.values():
+            if kind.folder == folder and name.endswith(kind.suffix) and OID_RE.fullmatch(name[: -len(kind.suffix)]):
+                return name[: -len(kind.suffix)]
+        return None
+
+    def entry_is_valid(self, path: str) -> bool:
+        """Does the cache entry at ``path`` still hold its hash's bytes (stat record, else re-hash)?"""
+        oid = self.entry_oid(path)
+        return oid is not None and os.path.isfile(path) and self._validate(path, oid, False) is not None
 
     def get(
         self,

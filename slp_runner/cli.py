@@ -209,11 +209,10 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         run_task(cfg)
-    except (SlpError, OmegaConfBaseException) as exc:
-        # A config value resolved late (an interpolation, a resolver) fails as an
-        # OmegaConf error: report the SlpError behind it, or its first line.
-        cause = exc if isinstance(exc, SlpError) else exc.__cause__
-        message = str(cause) if isinstance(cause, SlpError) else hydra_error_line(exc)
+    except Exception as exc:
+        if _TRACE:  # a developer's view: the whole traceback
+            raise
+        message = from_config.redactor(cfg).text(user_error_line(exc))
         print(f"slp: error: {message}", file=sys.stderr)
         job_dir = _multirun_job_dir()
         if job_dir:  # one failed job of a sweep: record it, let the others run
@@ -228,6 +227,22 @@ def _hydra_main(cfg: DictConfig) -> None:
         # Stage threads may still be inside a long call; the run folder is already
         # written and marked interrupted, so exit without waiting for them.
         os._exit(130)
+
+
+def user_error_line(exc: BaseException) -> str:
+    """One line for any error out of a task: an SlpError says it already; a config value
+    resolved late fails as an OmegaConf error (the SlpError behind it, or its first
+    line); an OSError names its file; anything else its type and first line."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(exc, SlpError):
+        return str(exc)
+    if isinstance(exc, OmegaConfBaseException):
+        return str(exc.__cause__) if isinstance(exc.__cause__, SlpError) else hydra_error_line(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _search_dirs(argv: list[str]) -> list[str]:
@@ -256,6 +271,8 @@ def check_group_choices(argv: list[str]) -> None:
             raise ConfigError(f"unknown {what} (choose from {', '.join(choices)})")
 
 
+_TRACE = False  # SLP_TRACE=1 or HYDRA_FULL_ERROR=1: errors show their traceback
+
 # Keys whose values are always strings, however they look: a BLAKE3 hash such as
 # 1e22...  would otherwise reach the code as the float inf, and 0123... as an int.
 STRING_KEYS = {"hash", "model.hash", "prompts.hash", "run", "path", "model.path", "prompts.path", "out",
@@ -269,9 +286,11 @@ def quote_string_values(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in STRING_KEYS and value and not any(c in value for c in "'\"\\,[]{}()$ :"):
-            if value.lower() not in ("null", "none") and not _reads_as_string(arg):
-                arg = f"{key}='{value}'"
+        if sep and key.lstrip("+~") in STRING_KEYS and value and not any(c in value for c in "'\"\\[]{}()$ :"):
+            # a sweep (hash=a,b) quotes each of its values
+            values = [v if v.lower() in ("null", "none") or _reads_as_string(f"{key}={v}") else f"'{v}'"
+                      for v in value.split(",")]
+            arg = f"{key}={','.join(values)}"
         out.append(arg)
     return out
 
@@ -292,6 +311,8 @@ def hydra_error_line(exc: BaseException) -> str:
 
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     line = lines[0] if lines else type(exc).__name__
+    if line.endswith(":") and len(lines) > 1:  # "Error loading 'x.y':" / the reason on the next line
+        line = f"{line} {lines[1]}"
     if isinstance(exc, OverrideParseException):
         reason = line.split(": ", 1)[0] if line.startswith("LexerNoViableAltException") else line
         if reason.startswith("Error parsing override"):
@@ -299,7 +320,8 @@ def hydra_error_line(exc: BaseException) -> str:
         return f"malformed override {exc.override!r}: {reason}"
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
-        first = str(cause).strip().splitlines()[0].strip()
+        cause_lines = [ln.strip() for ln in str(cause).strip().splitlines() if ln.strip()]
+        first = " ".join(cause_lines[:2]) if cause_lines[0].endswith(":") else cause_lines[0]
         if first and first not in line:
             line = f"{line.rstrip('.')}: {first}"
     return line
@@ -318,21 +340,35 @@ def main() -> None:
 
     # Hydra prints its own errors over several lines, then exits; told to raise them
     # instead, they are reported here in one. A user who set the variable gets the trace.
-    wants_trace = "HYDRA_FULL_ERROR" in os.environ
+    global _TRACE
+    wants_trace = _TRACE = "HYDRA_FULL_ERROR" in os.environ or bool(os.environ.get("SLP_TRACE"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as exc:
         if wants_trace:
             raise
-        print(f"slp: error: {hydra_error_line(exc)}", file=sys.stderr)
+        print(f"slp: error: {_mask_argv_secrets(hydra_error_line(exc), argv)}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as exc:  # this machine's files: a full disk, a folder that cannot be made
         if wants_trace:
             raise
-        where = f": {exc.filename}" if exc.filename else ""
-        print(f"slp: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"slp: error: {_mask_argv_secrets(user_error_line(exc), argv)}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _mask_argv_secrets(message: str, argv: list[str]) -> str:
+    """An error about the command line may quote it: mask what a secret-named key was given."""
+    from .redaction import Redactor, mask_override
+
+    for arg in argv:
+        masked = mask_override(arg)
+        if masked != arg:
+            message = message.replace(arg, masked)
+            value = arg.partition("=")[2].strip("'\"")
+            if value:
+                message = message.replace(value, "***")
+    return Redactor().text(message)
 
 
 if __name__ == "__main__":

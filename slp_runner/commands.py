@@ -70,6 +70,8 @@ def put(
     if not result.uploaded:
         say(f"Artifact already exists (hash={result.oid}), checked by {verify_existing or store.verify_existing}")
         say("Skipped upload (deduplication)")
+        if result.manifest_rewritten:
+            say(f"Manifest was missing or damaged: rewritten at {store.manifest_path(kind, result.oid)}")
         say(f"deduplicated {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")
         return result
     if result.repaired:
@@ -87,14 +89,18 @@ def repair(store: ArtifactStore, kind: ArtifactKind | None, oid: str, path: str,
     """Re-hash the stored object ``oid``; if it is damaged or missing, replace it with
     the local file at ``path``, which must hash to ``oid``."""
     validate_oid(oid)
-    if kind is None:
-        try:
-            kind = store.find_kind(oid)
-        except ArtifactNotFound as exc:
+    try:
+        stored_as = store.find_kind(oid)
+    except ArtifactNotFound as exc:
+        if kind is None:
             raise ArtifactNotFound(f"{exc}; give kind=<{'|'.join(KINDS)}> to store it from {path}") from None
-    result = put(store, kind, path, progress=progress, verify_existing="hash", expect_oid=oid, out=out)
+        stored_as = kind
+    if kind is not None and kind is not stored_as:
+        raise InputError(f"{oid} is stored as {stored_as.name}, not {kind.name}: repair it with kind={stored_as.name}")
+    result = put(store, stored_as, path, progress=progress, verify_existing="hash", expect_oid=oid, out=out)
     if not result.uploaded:
-        print(f"sound {kind.name} hash={oid}: the stored bytes hash right, nothing to repair", file=out, flush=True)
+        note = "; its manifest was rewritten" if result.manifest_rewritten else ", nothing to repair"
+        print(f"sound {stored_as.name} hash={oid}: the stored bytes hash right{note}", file=out, flush=True)
     return result
 
 
@@ -135,9 +141,16 @@ def materialize(cached: str, dest: str) -> str:
     """Copy a cache entry to ``dest`` atomically (a folder gets the cache file name)."""
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(cached))
+    elif dest.endswith(os.sep):
+        raise InputError(f"out={dest}: output folder does not exist")
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
         raise InputError(f"{parent}: output folder does not exist")
+    if os.path.lexists(dest):
+        if os.path.islink(dest) or not os.path.isfile(dest):  # a device, a fifo, a link to /dev/stdout
+            raise InputError(f"out={dest} exists and is not a regular file: give a new path or a folder")
+        if os.path.samefile(dest, cached):
+            return dest  # already the verified cache entry: copying it over itself would unprotect it
     size = os.path.getsize(cached)
     ensure_room(parent, size, f"out={dest}")
     tmp = None

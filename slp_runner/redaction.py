@@ -27,7 +27,10 @@ from typing import Any, Iterable, Mapping
 # ``token(?!s)``: ``max_tokens`` counts tokens; masking it would make reproduce take
 # today's value instead of the saved one.
 SECRET_NAME_RE = re.compile(
-    r"(secret|password|passwd|token(?!s)|credential|api_?key|access_?key|private_?key|^key$)", re.I)
+    r"(secret|password|passwd|token(?!s)|credential|api_?key|access_?key|private_?key|^key$"
+    r"|authori[sz]ation|auth_?header|^auth$|bearer|cookie|^pass$)", re.I)
+# user:password@ in a URL (a filer or endpoint URL given with credentials).
+URL_PASSWORD_RE = re.compile(r"(?<=://)([^/\s:@]+):([^/\s@]+)@")
 # Variables that say where a secret is, not what it is (AWS_SHARED_CREDENTIALS_FILE):
 # masking a path would mangle every file that names it.
 NOT_A_SECRET_RE = re.compile(r"(_FILE|_PATH|_DIR|_HOME)$", re.I)
@@ -76,6 +79,22 @@ def values_under_secret_names(value: Any, secret: bool = False) -> list[str]:
     return []
 
 
+def url_passwords(value: Any) -> list[str]:
+    """The password of every ``scheme://user:password@host`` in a tree of strings."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in url_passwords(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in url_passwords(v)]
+    if isinstance(value, str) and "@" in value:
+        return [m.group(2) for m in URL_PASSWORD_RE.finditer(value)]
+    return []
+
+
+def strip_url_password(url: str) -> str:
+    """``http://user:pass@host`` -> ``http://user:***@host``: for locations in messages."""
+    return URL_PASSWORD_RE.sub(lambda m: f"{m.group(1)}:{REDACTED}@", url)
+
+
 def environ_secrets(environ: Mapping[str, str]) -> list[str]:
     """Values of secret-looking variables (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, ...)."""
     return [v for k, v in environ.items() if is_secret_name(k) and not NOT_A_SECRET_RE.search(k)]
@@ -99,17 +118,14 @@ def aws_credentials() -> list[str]:
     return [v for v in (frozen.access_key, frozen.secret_key, frozen.token) if v] if frozen else []
 
 
-def _is_s3(fs: Any) -> bool:
-    protocol = getattr(fs, "protocol", ())
-    return "s3" in ((protocol,) if isinstance(protocol, str) else protocol)
-
-
 class Redactor:
     """The secrets of this process, and the means to scrub them from text, trees and files.
 
     config: the composed config as plain data; its secret-named values are secrets.
-    fs: the backend's fsspec filesystem; its secret-named storage options are secrets,
-        and on S3 so are the credentials botocore resolves.
+    fs: the backend's fsspec filesystem; its secret-named storage options are secrets.
+    Passwords in URLs (``http://user:password@host``) anywhere in the config, the
+    environment or the storage options are secrets, and so are the AWS credentials
+    botocore resolves on this machine (when botocore is installed), whatever the backend.
     environ: the environment to take secret-looking variables from (default: this process's).
     extra: further secret values.
 
@@ -125,11 +141,13 @@ class Redactor:
 
     @functools.cached_property
     def secrets(self) -> frozenset[str]:
-        found = [*self._extra, *values_under_secret_names(self._config), *environ_secrets(self._environ)]
+        found = [*self._extra, *values_under_secret_names(self._config), *environ_secrets(self._environ),
+                 *url_passwords(self._config), *url_passwords(dict(self._environ))]
         if self._fs is not None:
-            found += values_under_secret_names(getattr(self._fs, "storage_options", None) or {})
-            if _is_s3(self._fs):
-                found += aws_credentials()
+            options = getattr(self._fs, "storage_options", None) or {}
+            found += values_under_secret_names(options) + url_passwords(options)
+        # Whatever the backend: a stage may reach S3 on its own, and print what it used.
+        found += aws_credentials()
         out = {s for s in found if len(s) >= MIN_SECRET_LEN and s != REDACTED}
         # As a JSON string holds it, should a secret contain a quote or a backslash.
         out |= {j for j in (json.dumps(s)[1:-1] for s in out) if len(j) >= MIN_SECRET_LEN}

@@ -26,6 +26,7 @@ from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, Int
 from .gguf_header import read_gguf_metadata
 from .hashing import FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
+from .redaction import mask_names
 
 VERIFY_MODES = ("size", "rehash")
 # How a put checks an object already stored under the hash before deduplicating
@@ -47,6 +48,7 @@ class PutResult:
     object_path: str
     sha256: str | None = None
     repaired: str | None = None  # why a damaged stored object was replaced (None: it was not)
+    manifest_rewritten: bool = False  # deduplicated, but the manifest was missing or damaged
 
     @property
     def mib_per_s(self) -> float:
@@ -118,6 +120,10 @@ class ArtifactStore:
         for kind in KINDS.values():
             if self.exists(kind, oid):
                 return kind
+        for kind in KINDS.values():  # the object may be lost while its manifest is not (repair)
+            with backend_errors(self.backend, f"checking {self.manifest_path(kind, oid)}"):
+                if self.fs.exists(self.manifest_path(kind, oid)):
+                    return kind
         raise ArtifactNotFound(f"no artifact with hash {oid} in {self.backend.name} backend at {self.backend.location}")
 
     def require(self, kind: ArtifactKind, oid: str) -> None:
@@ -178,11 +184,15 @@ class ArtifactStore:
         with backend_errors(self.backend, f"storing {final}"):
             self.backend.ensure_writable()
             present, damage = self._check_existing(final, digest, verify_existing or self.verify_existing)
+            if not present and self._sound_manifest_or_none(kind, oid) is not None:
+                damage = "the object was missing, its manifest was not"
             if present and damage is None:
                 existing = self._sound_manifest_or_none(kind, oid)
                 if existing is None:  # an earlier put stopped between object and manifest, or it was damaged
                     existing = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, "existing")
                     self._publish_bytes(manifests.dumps(existing), mpath)
+                    return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final,
+                                     digest.sha256, manifest_rewritten=True)
                 return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final, digest.sha256)
 
             t1 = time.perf_counter()
@@ -207,9 +217,12 @@ class ArtifactStore:
         if how not in EXISTING_CHECKS:
             raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")
         try:
-            size = int(self.fs.info(final)["size"])
+            info = self.fs.info(final)
         except FileNotFoundError:
             return False, None
+        if info.get("type") == "directory":  # nothing a put may overwrite or move into
+            raise IntegrityError(f"{final} is a directory, not a stored object: remove it, then put again")
+        size = int(info["size"])
         if size != digest.size:
             return True, f"stored size {size} != {digest.size} bytes"
         if how == "hash":
@@ -228,6 +241,10 @@ class ArtifactStore:
         except BaseException:
             self._discard(tmp)
             raise
+        published = self.fs.info(final)  # what a reader now sees under the hash
+        if published.get("type") != "file" or int(published["size"]) != digest.size:
+            raise IntegrityError(f"{final} is not the object just stored ({published.get('type')}, "
+                                 f"{published.get('size')} bytes) after the rename")
         return verification
 
     def _write_verified(self, local_path, final, digest, before, callback) -> str:
@@ -257,7 +274,9 @@ class ArtifactStore:
         return {}
 
     def _new_manifest(self, kind, digest, local_path, name, source, provenance, tool, metadata, verification):
-        prov = dict(provenance or {})
+        # Manifests are shared through the backend: a field named like a credential
+        # (+provenance.token=...) is recorded as *** (what a run folder shows too).
+        prov = mask_names(dict(provenance or {}))
         if name:
             prov.setdefault("name", name)
         return manifests.build_manifest(
@@ -364,6 +383,15 @@ class ArtifactStore:
             got = self._hash_remote(path)
         if got.blake3 != oid:
             return ObjectCheck(kind, oid, False, f"corrupt: bytes hash to {got.blake3}", got.size)
+        try:
+            manifest = self._read_manifest_or_none(kind, oid)
+        except IntegrityError as exc:
+            return ObjectCheck(kind, oid, False, f"bytes ok, but {exc}", got.size)
+        if manifest is None:
+            return ObjectCheck(kind, oid, False, "bytes ok, but the manifest is missing", got.size)
+        if manifest.get("size_bytes") not in (None, got.size):
+            return ObjectCheck(kind, oid, False, f"bytes ok, but the manifest says {manifest['size_bytes']} bytes",
+                               got.size)
         return ObjectCheck(kind, oid, True, "ok", got.size)
 
     def list(self, kind: ArtifactKind) -> list[dict[str, Any]]:

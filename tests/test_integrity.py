@@ -283,3 +283,94 @@ def test_import_error_inside_a_user_stage_module_names_it(env, tmp_path):
     missing = slp(env, "pipeline=gone", *common)
     assert missing.stderr.strip() == "slp: error: stage 'step': unknown target 'no_such_module.step'"
     assert not (tmp_path / "runs").exists()
+
+
+# -- found by probing as a user ----------------------------------------------------------
+
+
+def test_a_directory_at_an_object_path_is_refused_not_written_into(tmp_path, small_file):
+    store = ArtifactStore(make_backend("local", None, tmp_path))
+    oid = blake3.blake3(small_file.read_bytes()).hexdigest()
+    os.makedirs(store.object_path(BLOB, oid) + "/sub")
+    with pytest.raises(IntegrityError, match="is a directory"):
+        store.put(str(small_file), BLOB)
+    assert os.listdir(store.object_path(BLOB, oid)) == ["sub"]
+
+
+def test_verify_reports_a_damaged_manifest(env, tmp_path, small_file):
+    oid = hash_of(slp(env, "task=put", "kind=blob", f"path={small_file}").stdout)
+    manifest = tmp_path / "store" / "blobs" / f"{oid}.manifest.json"
+    manifest.write_text("{broken")
+    bad = slp(env, "task=verify", f"hash={oid}")
+    assert bad.returncode == 1 and "manifest" in bad.stdout and "not JSON" in bad.stdout
+    fixed = slp(env, "task=repair", f"hash={oid}", f"path={small_file}")
+    assert "its manifest was rewritten" in fixed.stdout
+    assert slp(env, "task=verify", f"hash={oid}").returncode == 0
+
+
+def test_repair_of_a_lost_object_keeps_its_manifest(env, tmp_path, prompts_file):
+    put = slp(env, "task=put_prompts", f"prompts.path={prompts_file}", "prompts.name=mine", "+provenance.license=apache")
+    oid = hash_of(put.stdout)
+    os.unlink(tmp_path / "store" / "prompts" / f"{oid}.jsonl")
+    fixed = slp(env, "task=repair", f"hash={oid}", f"path={prompts_file}")  # no kind: the manifest names it
+    assert fixed.returncode == 0, fixed.stderr
+    assert "the object was missing, its manifest was not" in fixed.stdout
+    assert fixed.stdout.strip().splitlines()[-1].startswith("repaired prompts")
+    shown = slp(env, "task=show", f"hash={oid}").stdout
+    assert '"license": "apache"' in shown and '"name": "mine"' in shown and '"repaired_at"' in shown
+
+
+def test_repair_refuses_another_kind(env, tmp_path, prompts_file):
+    oid = hash_of(slp(env, "task=put_prompts", f"prompts.path={prompts_file}").stdout)
+    wrong = slp(env, "task=repair", f"hash={oid}", f"path={prompts_file}", "kind=results")
+    assert wrong.stderr.strip() == f"slp: error: {oid} is stored as prompts, not results: repair it with kind=prompts"
+    assert not (tmp_path / "store" / "results").exists()
+
+
+def test_credential_named_provenance_is_masked_in_the_artifact_manifest(store, small_file):
+    result = store.put(str(small_file), BLOB, provenance={"token": "tok-1234567890", "license": "mit"})
+    prov = store.read_manifest(BLOB, result.oid)["provenance"]
+    assert prov["token"] == "***" and prov["license"] == "mit"
+
+
+def test_out_never_replaces_special_files_or_links(env, tmp_path, small_file):
+    oid = hash_of(slp(env, "task=put", "kind=blob", f"path={small_file}").stdout)
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)
+    os.symlink("/dev/null", link)
+    for dest in (fifo, link):
+        got = slp(env, "task=get", f"hash={oid}", f"out={dest}")
+        assert one_line(got) == f"slp: error: out={dest} exists and is not a regular file: give a new path or a folder"
+    assert os.path.islink(link) and os.readlink(link) == "/dev/null"
+    missing = slp(env, "task=get", f"hash={oid}", f"out={tmp_path / 'nowhere'}/")
+    assert one_line(missing) == f"slp: error: out={tmp_path / 'nowhere'}/: output folder does not exist"
+    entry = slp(env, "task=get", f"hash={oid}").stdout.strip().split("path=")[1]
+    onto_itself = slp(env, "task=get", f"hash={oid}", f"out={entry}")
+    assert onto_itself.returncode == 0 and os.stat(entry).st_mode & 0o222 == 0
+
+
+def one_line(proc):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_more_user_errors_are_one_line(env, tmp_path, small_file):
+    bad_workers = slp(env, "pipeline=store_prompts", "runner.workers=abc", f"runner.runs_dir={tmp_path / 'runs'}")
+    assert one_line(bad_workers) == "slp: error: runner.workers must be a whole number, got 'abc'"
+    assert not (tmp_path / "runs").exists()
+    oid = hash_of(slp(env, "task=put", "kind=blob", f"path={small_file}").stdout)
+    assert "Not a directory" in one_line(slp(env, "task=get", f"hash={oid}", f"cache_dir={small_file}"))
+    secret = "hunter2-secret-value"
+    unset = slp(env, "task=get", f"hash={oid}", f"+backend.secret={secret}", "cache_dir=${oc.env:SLP_NOPE_UNSET}")
+    assert "SLP_NOPE_UNSET" in one_line(unset) and secret not in unset.stderr + unset.stdout
+    quoted = slp(env, "task=ls", f"+backend.secret=Super'{secret}")
+    assert "malformed override" in one_line(quoted) and secret not in quoted.stderr
+
+
+def test_a_sweep_keeps_each_hash_a_string(env, tmp_path, small_file):
+    oid = hash_of(slp(env, "task=put", "kind=blob", f"path={small_file}").stdout)
+    swept = slp(env, "-m", "task=get", f"hash={FLOATY_HASH},{oid}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert f"no artifact with hash {FLOATY_HASH}" in swept.stderr and "'inf'" not in swept.stderr
+    assert f"cached blob hash={oid}" in swept.stdout or f"fetched blob hash={oid}" in swept.stdout

@@ -276,3 +276,29 @@ def test_reproduce_a_run_with_masked_overrides(make_cfg):
     assert comparison and all(comparison.values())
     assert result.manifest["overrides"] == [f"+backend.api_token={REDACTED}", f"# reproduces {first.run_id}"]
     assert_clean(local_files(result.folder), token)
+
+
+def test_a_password_in_a_backend_url(env, tmp_path, weed):
+    """http://user:password@filer: the filer ignores it, the run must not keep it."""
+    root = f"sec-{uuid.uuid4().hex[:10]}"
+    password = secrets.token_urlsafe(18)
+    url = weed.filer_url.replace("http://", f"http://alice:{password}@")
+    runs = tmp_path / "runs"
+    proc = slp(env, "pipeline=store_prompts", f"runner.runs_dir={runs}", "backend=seaweedfs",
+               f"backend.filer_url={url}", f"backend.root={root}")
+    assert proc.returncode == 0, proc.stderr
+    assert password not in proc.stdout + proc.stderr and "alice:***@" in proc.stdout
+    files = check_run(runs, filer_files(weed, root, the_run(runs)), password)
+    assert orjson.loads(files["manifest.json"])["backend"]["location"].startswith("http://alice:***@")
+
+
+def test_masking_by_value_keeps_the_config_yaml(env, tmp_path):
+    """A secret's value may stand inside other values (a path, say): config.yaml stays YAML."""
+    import yaml
+
+    env["MY_API_TOKEN"] = str(tmp_path)  # every path below tmp_path holds the "secret"
+    runs = tmp_path / "runs"
+    proc = slp(env, "pipeline=store_prompts", f"runner.runs_dir={runs}")
+    assert proc.returncode == 0, proc.stderr
+    config = yaml.safe_load((runs / the_run(runs) / "config.yaml").read_text())
+    assert config["cache_dir"] == f"{REDACTED}/cache"

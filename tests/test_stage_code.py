@@ -182,3 +182,112 @@ def test_the_key_changes_with_the_file_in_one_process(tmp_path, monkeypatch):
     assert before.code["blake3"] != after.code["blake3"]
     assert stage_key(before, {}) != stage_key(after, {})
     monkeypatch.delitem(sys.modules, "inproc_stage", raising=False)
+
+
+# -- what else a stage's key must see (found by probing as a user) ------------------------
+
+FACTORY = """\
+def make_stage(n):
+    def stage(ctx):
+        return {"n": n}
+    return stage
+"""
+
+
+def test_a_stage_made_by_a_factory_in_another_module(project):
+    code = project / "code"
+    (code / "factory.py").write_text(FACTORY)
+    (code / "made.py").write_text("from factory import make_stage\n\ngo = make_stage(1)\n")
+    (project / "conf" / "pipeline" / "edited.yaml").write_text("name: edited\nstages:\n  go:\n    _target_: made.go\n")
+    assert run(project)["stages"]["go"]["outputs"] == {"n": 1}
+    edit(code / "made.py", "make_stage(1)", "make_stage(2)")
+    again = run(project)
+    assert not again["stages"]["go"]["cache_hit"]
+    assert again["stages"]["go"]["outputs"] == {"n": 2}
+    assert again["stages"]["go"]["code"]["target_module"]["module"] == "made"
+
+
+def test_an_output_file_named_like_a_hash_counts_by_content(project):
+    """Only a verified cache entry is trusted by its name; any other file by its bytes."""
+    code = project / "code"
+    edit(code / "make_text.py", 'os.path.join(ctx.stage_dir, "text.txt")', 'os.path.join(ctx.stage_dir, "ab" * 32 + ".txt")')
+    assert run(project)["stages"]["b"]["outputs"] == {"shouted": "HELLO"}
+    edit(code / "make_text.py", "f.write(word)", "f.write(word + ', world')")
+    again = run(project)
+    assert hits(again) == {"a": False, "b": False, "c": True}
+    assert again["stages"]["b"]["outputs"] == {"shouted": "HELLO, WORLD"}
+
+
+PARAMS = """\
+name: edited
+stages:
+  read:
+    _target_: read_params.read
+    params: {file: "%s", folder: "%s"}
+"""
+
+READ_PARAMS = """\
+import os
+
+
+def read(ctx, file, folder):
+    with open(file) as f:
+        text = f.read()
+    return {"file": text, "folder": sorted((n, open(os.path.join(folder, n)).read()) for n in os.listdir(folder))}
+"""
+
+
+def test_parameter_files_and_folders_count_by_stat_ctime_included(project):
+    data, param = project / "data", project / "param.txt"
+    data.mkdir()
+    (data / "x.txt").write_text("one")
+    param.write_text("AAAA")
+    (project / "code" / "read_params.py").write_text(READ_PARAMS)
+    (project / "conf" / "pipeline" / "edited.yaml").write_text(PARAMS % (param, data))
+    assert run(project)["stages"]["read"]["outputs"]["file"] == "AAAA"
+    st = os.stat(param)
+    param.write_text("BBBB")  # same size, old mtime put back
+    os.utime(param, ns=(st.st_atime_ns, st.st_mtime_ns))
+    second = run(project)
+    assert not second["stages"]["read"]["cache_hit"] and second["stages"]["read"]["outputs"]["file"] == "BBBB"
+    (data / "x.txt").write_text("two")
+    third = run(project)
+    assert not third["stages"]["read"]["cache_hit"] and third["stages"]["read"]["outputs"]["folder"] == [["x.txt", "two"]]
+    assert run(project)["stages"]["read"]["cache_hit"]
+
+
+def test_a_damaged_or_foreign_stage_cache_record_is_a_miss(project):
+    first = run(project)
+    record = project / "store" / "stage-cache" / f"{first['stages']['a']['key']}.json"
+    record.write_bytes(b"{damaged")
+    second = run(project)
+    assert hits(second)["a"] is False  # ran again, and wrote a sound record
+    assert orjson.loads(record.read_bytes())["key"] == first["stages"]["a"]["key"]
+    forged = orjson.loads(record.read_bytes())
+    forged["target"] = "elsewhere.other"
+    forged["outputs"] = {"text": {"local_file": "/etc/hostname"}}
+    record.write_bytes(orjson.dumps(forged))
+    third = run(project)
+    assert hits(third)["a"] is False
+    assert third["stages"]["b"]["outputs"] == {"shouted": "HELLO"}
+
+
+def test_a_cached_fetch_whose_cache_entry_was_damaged_runs_again(tmp_path):
+    """put_get_model's get stage is a stage-cache hit only while its cache entry validates."""
+    env = dict(os.environ, SLP_STORE_ROOT=str(tmp_path / "store"), SLP_CACHE_DIR=str(tmp_path / "cache"))
+    from slp_runner.examples import gemma_path
+    args = [SLP, "pipeline=put_get_model", f"model.path={gemma_path()}", f"runner.runs_dir={tmp_path / 'runs'}"]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    (entry,) = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cache") for f in fs if f.endswith(".gguf")]
+    os.chmod(entry, 0o644)
+    with open(entry, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\0\1\2\3")
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    manifests = [orjson.loads((tmp_path / "runs" / r / "manifest.json").read_bytes())
+                 for r in os.listdir(tmp_path / "runs") if r.startswith("run-")]
+    manifest = max(manifests, key=lambda m: m["start_time"])  # ids made in one second do not sort by time
+    assert manifest["stages"]["put_model"]["cache_hit"] and not manifest["stages"]["get_model"]["cache_hit"]
+    assert blake3.blake3(open(entry, "rb").read()).hexdigest() == manifest["artifacts"]["get_model.model"]["hash"]

@@ -15,6 +15,7 @@ import fsspec
 
 from ..errors import ConfigError
 from ..hashing import STREAM_CHUNK
+from ..redaction import strip_url_password
 
 
 @dataclass
@@ -76,7 +77,8 @@ def local_backend(root: str, **_: Any) -> Backend:
 def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, **_: Any) -> Backend:
     """A SeaweedFS filer over its HTTP API."""
     fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, skip_instance_cache=True)
-    return Backend("seaweedfs", fs, root.strip("/"), f"{filer_url.rstrip('/')}/{root.strip('/')}", {"block_size": 0})
+    location = strip_url_password(f"{filer_url.rstrip('/')}/{root.strip('/')}")
+    return Backend("seaweedfs", fs, root.strip("/"), location, {"block_size": 0})
 
 
 def s3_backend(
@@ -119,7 +121,7 @@ def s3_backend(
         max_concurrency=max_concurrency,
         skip_instance_cache=True,
     )
-    location = f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/")
+    location = strip_url_password(f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/"))
 
     def make_bucket() -> None:
         if create_bucket and not fs.exists(bucket):

@@ -36,10 +36,23 @@ import blake3
 _file_hashes: dict[tuple[str, int, int], str] = {}
 
 
-def code_fingerprint(fn: Callable[..., Any]) -> dict[str, Any]:
-    """A JSON-ready fingerprint of the code ``fn`` runs (see the module docstring)."""
+def code_fingerprint(fn: Callable[..., Any], named_module: str | None = None) -> dict[str, Any]:
+    """A JSON-ready fingerprint of the code ``fn`` runs (see the module docstring).
+
+    named_module: the module the ``_target_`` names, when it is not the one defining
+    ``fn`` (``go = make_stage(1)`` there, the factory elsewhere): it is fingerprinted
+    too, since the arguments it binds are code the stage runs.
+    """
     target = _unwrap(fn)
     module_name = getattr(target, "__module__", None) or "<unknown>"
+    code = _module_print(target, module_name)
+    if named_module and named_module != module_name and named_module in sys.modules:
+        code["target_module"] = _module_print(sys.modules[named_module], named_module)
+    code["slp_runner"] = _slp_runner_version()
+    return code
+
+
+def _module_print(target: Any, module_name: str) -> dict[str, Any]:
     path = _defining_file(target, module_name)
     dist = None
     if path is None or _in_site_packages(path):
@@ -50,7 +63,6 @@ def code_fingerprint(fn: Callable[..., Any]) -> dict[str, Any]:
         code = {"module": module_name, "blake3": _hash_file(path)}
     else:
         code = {"module": module_name, "unknown": True}
-    code["slp_runner"] = _slp_runner_version()
     return code
 
 

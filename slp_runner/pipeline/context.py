@@ -60,16 +60,19 @@ def from_json(value: Any) -> Any:
     return value
 
 
-def outputs_still_exist(store: ArtifactStore, outputs: Any) -> bool:
-    """True when every artifact is still in the store and every local file on disk."""
+def outputs_still_exist(store: ArtifactStore, outputs: Any, cache: LocalCache | None = None) -> bool:
+    """True when every artifact is still in the store and every local file on disk
+    (a local cache entry only if it still validates: it is handed on as verified)."""
     if isinstance(outputs, ArtifactRef):
         return store.exists(outputs.kind, outputs.oid)
     if isinstance(outputs, LocalFile):
+        if cache is not None and cache.entry_oid(outputs.path) is not None:
+            return cache.entry_is_valid(outputs.path)
         return os.path.exists(outputs.path)
     if isinstance(outputs, dict):
-        return all(outputs_still_exist(store, v) for v in outputs.values())
+        return all(outputs_still_exist(store, v, cache) for v in outputs.values())
     if isinstance(outputs, list):
-        return all(outputs_still_exist(store, v) for v in outputs)
+        return all(outputs_still_exist(store, v, cache) for v in outputs)
     return True
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+
+import yaml
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -65,7 +67,10 @@ def execute(
     KeyboardInterrupt leaves a folder marked interrupted.
     """
     redactor = redactor or Redactor(fs=store.backend.fs)
-    config_yaml = redactor.text(config_yaml)
+    # Made first: a bad setting (workers=abc) fails before any folder exists.
+    runner = Runner(store, cache, workers=workers, force=force, options=options, redactor=redactor)
+    # By value in the parsed tree, not the text: a bare *** is no YAML scalar.
+    config_yaml = yaml.safe_dump(redactor.tree(yaml.safe_load(config_yaml), names=False), sort_keys=False)
     run_id = new_run_id(config_yaml.encode())
     folder = RunFolder(runs_dir, run_id)
     folder.write_bytes("config.yaml", config_yaml.encode())
@@ -73,7 +78,6 @@ def execute(
     start, t0 = utc_now(), time.perf_counter()
     print(f"run {run_id}: pipeline {pipeline.name}, {len(pipeline.stages)} stages, backend {store.backend.name}",
           file=out, flush=True)
-    runner = Runner(store, cache, workers=workers, force=force, options=options, redactor=redactor)
     status = "completed"
     records: dict[str, StageRecord] = {}
     interrupted = False

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..cache import LocalCache
-from ..errors import SlpError
+from ..errors import ConfigError, SlpError
 from ..manifest import utc_now
 from ..redaction import Redactor
 from ..store import ArtifactStore
@@ -61,9 +61,12 @@ class Runner:
                  use_stage_cache: bool = True, options: dict | None = None, redactor: Redactor | None = None):
         self.store = store
         self.cache = cache
-        self.workers = max(1, int(workers))
+        try:
+            self.workers = max(1, int(workers))
+        except (TypeError, ValueError):
+            raise ConfigError(f"runner.workers must be a whole number, got {workers!r}") from None
         self.force = force
-        self.stage_cache = StageCache(store, redactor) if use_stage_cache else None
+        self.stage_cache = StageCache(store, redactor, cache) if use_stage_cache else None
         self.options = options or {}
         self.records: dict[str, StageRecord] = {}
 
@@ -131,9 +134,9 @@ class Runner:
                     value = upstream[value.output]
                 kwargs[key] = value
             rec.inputs = {k: kwargs[k] for k in spec.inputs}
-            rec.key = stage_key(spec, kwargs)
+            rec.key = stage_key(spec, kwargs, self.cache)
             if self.stage_cache is not None and spec.cache and not self.force:
-                hit = self.stage_cache.lookup(rec.key)
+                hit = self.stage_cache.lookup(spec, rec.key)
                 if hit is not None:
                     rec.outputs, rec.metrics, rec.cache_hit = hit["outputs"], hit.get("metrics", {}), True
                     rec.metrics["cached_from_run"] = hit.get("run_id")

@@ -53,7 +53,8 @@ class StageSpec:
 
     def __post_init__(self) -> None:
         if not self.code:
-            self.code = code_fingerprint(self.fn)
+            named = self.target.rpartition(".")[0] if isinstance(self.target, str) else None
+            self.code = code_fingerprint(self.fn, named_module=named)
 
     def refs(self) -> list[Ref]:
         return [v for v in self.inputs.values() if isinstance(v, Ref)]
@@ -106,7 +107,7 @@ def resolve_target(name: str, target: Any) -> Callable[..., Any]:
                 raise PipelineError(f"stage {name!r}: target {target!r}: importing {module_name} failed: "
                                     f"ModuleNotFoundError: {exc}") from None
             return _nested_attribute(name, target)  # maybe ``module.Class.method``
-        except Exception as exc:  # a SyntaxError, or anything the module raises as it loads
+        except (Exception, SystemExit) as exc:  # a SyntaxError, anything the module raises or exits with as it loads
             raise PipelineError(f"stage {name!r}: target {target!r}: importing {module_name} failed: "
                                 f"{type(exc).__name__}: {_one_line(exc)}") from None
         if module is not None:

@@ -17,7 +17,8 @@ from typing import Any
 import blake3
 import orjson
 
-from ..hashing import OID_RE, hash_file
+from ..hashing import hash_file
+from ..cache import LocalCache
 from ..redaction import Redactor
 from ..store import ArtifactStore, backend_errors
 from .context import from_json, outputs_still_exist, to_json
@@ -26,25 +27,53 @@ from .spec import StageSpec
 FOLDER = "stage-cache"
 
 
-def _fingerprint(value: Any) -> Any:
+MAX_DIR_ENTRIES = 10_000  # a folder parameter bigger than this counts by its own stat only
+
+
+def _stat_print(st: os.stat_result) -> list[int]:
+    # ctime too: an edit that puts the old mtime back still moves it.
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _dir_print(path: str) -> str:
+    """BLAKE3 of every file's relative path and stat below ``path`` (bounded)."""
+    entries = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                entries.append([os.path.relpath(full, path), *_stat_print(os.stat(full))])
+            except OSError:
+                continue
+            if len(entries) > MAX_DIR_ENTRIES:
+                return "too-large:" + ":".join(map(str, _stat_print(os.stat(path))))
+    return blake3.blake3(orjson.dumps(entries)).hexdigest()
+
+
+def _fingerprint(value: Any, cache: LocalCache | None = None) -> Any:
     if isinstance(value, dict) and set(value) == {"local_file"}:
         # A file made by an upstream stage: what matters is its content, not where it is.
         path = value["local_file"]
-        name = os.path.basename(path)
-        if OID_RE.fullmatch(name.split(".", 1)[0]):  # a cache entry is named by its hash
-            return {"blake3": name.split(".", 1)[0]}
+        oid = cache.entry_oid(path) if cache is not None else None
+        if oid is not None:  # a verified cache entry is named by its hash; nothing else is trusted so
+            return {"blake3": oid}
         return {"blake3": hash_file(path).blake3} if os.path.isfile(path) else value
-    if isinstance(value, str) and len(value) < 4096 and os.path.isfile(value):
-        st = os.stat(value)
-        return {"file": os.path.abspath(value), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if isinstance(value, str) and 0 < len(value) < 4096 and os.path.exists(value):
+        # A local file or folder named in the parameters: by stat, as make does (ctime too).
+        if os.path.isfile(value):
+            return {"file": os.path.abspath(value), "stat": _stat_print(os.stat(value))}
+        if os.path.isdir(value):
+            return {"dir": os.path.abspath(value), "entries": _dir_print(value)}
+        return value
     if isinstance(value, dict):
-        return {k: _fingerprint(v) for k, v in value.items()}
+        return {k: _fingerprint(v, cache) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fingerprint(v) for v in value]
+        return [_fingerprint(v, cache) for v in value]
     return value
 
 
-def stage_key(spec: StageSpec, kwargs: dict[str, Any]) -> str:
+def stage_key(spec: StageSpec, kwargs: dict[str, Any], cache: LocalCache | None = None) -> str:
     """BLAKE3 of the stage's target, its code fingerprint and its resolved arguments
     (artifact hashes included).
 
@@ -52,27 +81,39 @@ def stage_key(spec: StageSpec, kwargs: dict[str, Any]) -> str:
     only its outputs, by content. So they run again when the outputs changed and stay
     hits when the outputs came out byte-identical: early cutoff, as DVC and Bazel do.
     """
-    payload = {"target": spec.target, "code": spec.code, "kwargs": _fingerprint(to_json(kwargs))}
+    payload = {"target": spec.target, "code": spec.code, "kwargs": _fingerprint(to_json(kwargs), cache)}
     return blake3.blake3(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS, default=str)).hexdigest()
 
 
 class StageCache:
-    def __init__(self, store: ArtifactStore, redactor: Redactor | None = None):
+    """cache: the local cache whose entries recorded outputs may name; a hit whose
+    entry no longer validates is a miss (the stage runs and fetches it again)."""
+
+    def __init__(self, store: ArtifactStore, redactor: Redactor | None = None, cache: LocalCache | None = None):
         self.store = store
         self.redactor = redactor
+        self.cache = cache
 
     def _path(self, key: str) -> str:
         return self.store.backend.path(FOLDER, f"{key}.json")
 
-    def lookup(self, key: str) -> dict | None:
-        """The recorded execution for ``key`` if its outputs all still exist."""
+    def lookup(self, spec: StageSpec, key: str) -> dict | None:
+        """The recorded execution for ``key`` if it is one (a damaged or foreign record
+        is a miss, overwritten when the stage has run) and its outputs all still exist."""
         with backend_errors(self.store.backend, "reading the stage cache"):
             try:
-                record = orjson.loads(self.store.fs.cat_file(self._path(key)))
+                data = self.store.fs.cat_file(self._path(key))
             except FileNotFoundError:
                 return None
-        outputs = from_json(record.get("outputs", {}))
-        if not outputs_still_exist(self.store, outputs):
+        try:
+            record = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(record, dict) or record.get("key") != key or record.get("target") != spec.target \
+                or not isinstance(record.get("outputs"), dict):
+            return None
+        outputs = from_json(record["outputs"])
+        if not outputs_still_exist(self.store, outputs, self.cache):
             return None
         record["outputs"] = outputs
         return record
