@@ -11,15 +11,38 @@ entry edited and given back its old mtime still fails the stat check. What the
 stat check cannot see (the disk silently flipping bits, or someone resetting the
 clock or writing the block device) is what ``full_verify=true`` is for.
 
-Downloads stream into a temporary file in the same folder while they are hashed
-and are renamed into place only when the hash matches. A per-object file lock
+Downloads stream into a partial file in the same folder while they are hashed and
+are renamed into place only when the hash matches. A per-object file lock
 makes concurrent gets of one hash (threads or processes) download it once.
+
+Resuming. A download cut by a dropped connection continues in-process from the next
+byte with a ranged read (``ArtifactStore.stream_object``; the hasher keeps its
+state). A get that died (killed, or out of retries) leaves its bytes in
+``<cache>/<kind folder>/.<oid>.partial``; the next get of that hash hashes the kept
+prefix locally (BLAKE3 is sequential: the prefix is fed to the hasher) and fetches
+only the rest. The final BLAKE3 check still covers every byte: if it fails, the
+partial is thrown away, and a resumed download is tried once more from zero. A get
+that fails for another reason (a full disk, bytes that do not hash right, a hash
+the backend does not have) removes its partial; none ever leaves a ``.part``.
+The local backend is copied by the kernel, without a network to lose, so it does
+not resume (its temporary ``.part`` is removed on failure).
+
+What this relies on: the partial is only touched under the object's lock,
+``<entry>.lock``, a ``flock`` taken through ``filelock`` (which falls back to a
+lock-file marker where the filesystem has no ``flock``). On NFS ``flock`` may be
+emulated per client or be a no-op, and the partial's name depends only on the hash,
+so two hosts sharing a cache folder over NFS could write one partial at once; the
+hash check would catch the damage, but give each host its own ``cache_dir``. The
+lock file stays after the get (filelock does not remove it, so that a waiting
+process never locks a file another one just unlinked): one empty file per hash
+ever fetched, not per attempt; ``task=fsck`` removes those of absent entries.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import shutil
 import tempfile
@@ -31,8 +54,8 @@ from filelock import FileLock
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from .artifacts import KINDS, ArtifactKind
-from .errors import IntegrityError
-from .hashing import OID_RE, StreamHasher, hash_file, validate_oid
+from .errors import ArtifactNotFound, IntegrityError, OutputError
+from .hashing import OID_RE, WINDOW, StreamHasher, hash_file, validate_oid
 from .local_output import ensure_room, local_write
 from .manifest import utc_now
 from .store import ArtifactStore
@@ -47,6 +70,8 @@ class CacheGet:
     validation: str  # "stat", "rehash" (hit) or "download" (miss)
     seconds: float
     repaired: bool = False  # a corrupted entry was found and fetched again
+    resumed_from: int = 0  # bytes kept from an earlier get that died, not fetched again
+    reconnects: int = 0  # times this download continued after a dropped connection
 
     @property
     def mib_per_s(self) -> float:
@@ -107,8 +132,13 @@ class LocalCache:
                 repaired = True
                 self._evict(path)
             size = store.size_of(kind, oid) if size is None else size
-            size = self._download(store, kind, oid, path, size, callback)
-            return CacheGet(path, oid, size, False, "download", time.perf_counter() - t0, repaired)
+            got = self._download(store, kind, oid, path, size, callback)
+            return CacheGet(path, oid, got.size, False, "download", time.perf_counter() - t0, repaired,
+                            got.resumed_from, got.reconnects)
+
+    def partial_path(self, kind: ArtifactKind, oid: str) -> str:
+        """Where an unfinished download of ``oid`` keeps its bytes (only under the lock)."""
+        return os.path.join(self.root, kind.folder, f".{oid}.partial")
 
     def _validate(self, path: str, oid: str, full_verify: bool) -> str | None:
         """``stat`` or ``rehash`` when the entry is good, None when it is corrupt."""
@@ -121,42 +151,84 @@ class LocalCache:
         return "rehash"
 
     def _download(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int,
-                  callback: Callback) -> int:
+                  callback: Callback) -> _Fetched:
         what = f"{kind.name} {oid}"
+        if not store.backend.local_paths:
+            return self._fetch_resumable(store, kind, oid, path, size, callback)
         ensure_room(self.root, size, what)  # again: a corrupt entry may just have been evicted
         tmp = None
         try:
             with local_write(os.path.dirname(path), size, what):
                 fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{oid[:16]}.", suffix=".part")
-                if store.backend.local_paths:
-                    # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
-                    # XFS), else the kernel's copy. Never a hard link: editing the cache entry
-                    # would then corrupt the store. The result itself is hashed (mmap + threads).
-                    _clone_or_copy(store.object_path(kind, oid), fd)
-                    got = hash_file(tmp)
-                    callback.relative_update(got.size)
-                else:
-                    got = self._stream_into(fd, store, kind, oid, size, callback)
-            if got.blake3 != oid:
-                raise IntegrityError(
-                    f"download of {kind.name} {oid} from {store.backend.location} hashed to {got.blake3}; discarded"
-                )
-            with local_write(path, size, what):
-                os.chmod(tmp, 0o444)  # cache entries are read-only: edits would break the address
-                os.replace(tmp, path)
-                self._write_record(path, os.stat(path))
-            return got.size
+                # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
+                # XFS), else the kernel's copy. Never a hard link: editing the cache entry
+                # would then corrupt the store. The result itself is hashed (mmap + threads).
+                _clone_or_copy(store.object_path(kind, oid), fd)
+                got = hash_file(tmp)
+                callback.relative_update(got.size)
+            self._publish(tmp, path, got.blake3, oid, size, store, kind)
+            return _Fetched(got.size)
         except BaseException:
             if tmp is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
             raise
 
-    def _stream_into(self, fd: int, store: ArtifactStore, kind: ArtifactKind, oid: str, size: int,
-                     callback: Callback):
+    def _fetch_resumable(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int,
+                         callback: Callback) -> _Fetched:
+        """Download into the kept partial, continuing from what an earlier get left."""
+        partial = self.partial_path(kind, oid)
+        what = f"{kind.name} {oid}"
+        while True:
+            kept = _kept_bytes(partial, size)
+            ensure_room(self.root, size - kept, what)  # again: a corrupt entry may just have been evicted
+            try:
+                got, reconnects = self._stream_into(partial, kept, store, kind, oid, size, callback)
+                self._publish(partial, path, got.blake3, oid, size, store, kind)
+                return _Fetched(got.size, kept, reconnects)
+            except IntegrityError:
+                _unlink(partial)
+                if kept:  # the kept prefix may be what was wrong: once more, from zero
+                    callback.relative_update(-size)
+                    continue
+                raise
+            except (OutputError, ArtifactNotFound):
+                # A full disk leaves no partial file (a promise), nor does a hash that is gone.
+                # Anything else (a backend that gave up, Ctrl-C, SIGKILL) keeps the bytes for
+                # the next get: they are checked with the rest by the final hash.
+                _unlink(partial)
+                raise
+
+    def _publish(self, tmp: str, path: str, blake3: str, oid: str, size: int, store: ArtifactStore,
+                 kind: ArtifactKind) -> None:
+        if blake3 != oid:
+            raise IntegrityError(
+                f"download of {kind.name} {oid} from {store.backend.location} hashed to {blake3}; discarded"
+            )
+        with local_write(path, size, f"{kind.name} {oid}"):
+            os.chmod(tmp, 0o444)  # cache entries are read-only: edits would break the address
+            os.replace(tmp, path)
+            self._write_record(path, os.stat(path))
+
+    def _stream_into(self, partial: str, kept: int, store: ArtifactStore, kind: ArtifactKind, oid: str,
+                     size: int, callback: Callback):
         hasher = StreamHasher()
         what = f"{kind.name} {oid}"
-        with os.fdopen(fd, "wb") as out:
+        reconnects = 0
+
+        def resumed(_at: int) -> None:
+            nonlocal reconnects
+            reconnects += 1
+
+        with local_write(os.path.dirname(partial), size, what):
+            fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+b") as out:
+            if kept:
+                _hash_prefix(out.fileno(), kept, hasher)
+                callback.relative_update(kept)
+            with local_write(partial, size, what):
+                out.truncate(kept)  # a torn last write beyond what was counted goes
+                out.seek(kept)
 
             def sink(chunk: bytes) -> None:
                 hasher.update(chunk)
@@ -166,10 +238,10 @@ class LocalCache:
                     out.write(chunk)
                 callback.relative_update(len(chunk))
 
-            store.stream_object(store.object_path(kind, oid), sink)
+            store.stream_object(store.object_path(kind, oid), sink, offset=kept, on_resume=resumed)
             with local_write(self.root, size, what):
                 out.flush()
-        return hasher.digest()
+        return hasher.digest(), reconnects
 
     def _evict(self, path: str) -> None:
         for p in (path, path + ".verified"):
@@ -194,6 +266,39 @@ class LocalCache:
         except OSError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+@dataclass
+class _Fetched:
+    size: int
+    resumed_from: int = 0
+    reconnects: int = 0
+
+
+def _kept_bytes(partial: str, size: int) -> int:
+    """Bytes an earlier get left in ``partial`` that may be kept (0: start afresh)."""
+    try:
+        kept = os.path.getsize(partial)
+    except FileNotFoundError:
+        return 0
+    if kept > size:  # not a prefix of this object
+        _unlink(partial)
+        return 0
+    return kept
+
+
+def _hash_prefix(fd: int, length: int, hasher: StreamHasher) -> None:
+    """Feed the first ``length`` bytes of ``fd`` to ``hasher``, a window at a time (mmap:
+    blake3's threads get large inputs, memory stays bounded)."""
+    for off in range(0, length, WINDOW):
+        n = min(WINDOW, length - off)
+        with mmap.mmap(fd, n, offset=off, access=mmap.ACCESS_READ) as mm:
+            hasher.update(mm)
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)

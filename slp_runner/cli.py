@@ -101,6 +101,16 @@ def _repair(cfg: DictConfig):
                            _need(cfg.path, "path=<local file with the right bytes>"), progress=cfg.progress)
 
 
+def _fsck(cfg: DictConfig):
+    from . import fsck
+
+    findings = fsck.fsck(build_store(cfg), LocalCache(cfg.cache_dir), cfg.runner.runs_dir, fix=bool(cfg.fix),
+                         grace=fsck.parse_grace(cfg.grace), sample=float(cfg.sample))
+    if fsck.damage_remains(findings):
+        raise SystemExit(1)
+    return findings
+
+
 def _show(cfg: DictConfig):
     kind = kind_named(cfg.kind) if cfg.kind else None
     return commands.show(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>")))
@@ -172,7 +182,14 @@ def _verify_run(cfg: DictConfig):
 
 
 def _runs(cfg: DictConfig):
-    return list_runs(cfg.runner.runs_dir)
+    """List runs; op=finalize | clean settles the abandoned ones (all, or run=<id>)."""
+    op = cfg.get("op")
+    if not op:
+        return list_runs(cfg.runner.runs_dir)
+    from .pipeline.abandoned import settle_abandoned
+
+    run_id = str(cfg.run) if cfg.get("run") else None
+    return settle_abandoned(cfg.runner.runs_dir, str(op), run_id, redactor=from_config.redactor(cfg))
 
 
 TASKS: dict[str, Callable[[DictConfig], Any]] = {
@@ -189,6 +206,7 @@ TASKS: dict[str, Callable[[DictConfig], Any]] = {
     "show": _show,
     "verify": _verify,
     "repair": _repair,
+    "fsck": _fsck,
     "ls": _ls,
 }
 
@@ -220,13 +238,51 @@ def _hydra_main(cfg: DictConfig) -> None:
                                    from_config.redactor(cfg))
             return
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        print("slp: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        _exit_interrupted(exc)
+
+
+def _exit_interrupted(exc: KeyboardInterrupt):
+    """``slp: interrupted (SIGTERM)``, exit 128 + the signal (130 for Ctrl-C)."""
+    import contextlib
+    import signal
+
+    signum = getattr(exc, "signum", signal.SIGINT)
+    with contextlib.suppress(OSError):  # a terminal that hung up
+        print(f"slp: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        # Stage threads may still be inside a long call; the run folder is already
-        # written and marked interrupted, so exit without waiting for them.
-        os._exit(130)
+    # Stage threads may still be inside a long call; the run folder is already
+    # written and marked interrupted, so exit without waiting for them.
+    os._exit(128 + signum)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (SLURM, Kubernetes, systemd) and SIGHUP (a closed terminal) stop slp as
+    Ctrl-C does: the first is raised in the main thread as Interrupted, so a run is
+    marked interrupted, its engine stopped, its folder finalized and published. A
+    second signal meanwhile is only noted, lest it cut that short; a third exits at
+    once (the staging folder is then abandoned: ``slp task=runs op=finalize``). A
+    signal ignored when slp started (nohup) stays ignored."""
+    import signal
+
+    from .errors import Interrupted
+
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            raise Interrupted(signum)
+        if len(received) == 2:
+            os.write(2, f"slp: {signal.Signals(signum).name} while stopping: finishing the run folder "
+                        f"(a third signal exits at once)\n".encode())
+            return
+        os._exit(128 + received[0])
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, on_signal)
 
 
 def user_error_line(exc: BaseException) -> str:
@@ -343,6 +399,7 @@ def main() -> None:
     global _TRACE
     wants_trace = _TRACE = "HYDRA_FULL_ERROR" in os.environ or bool(os.environ.get("SLP_TRACE"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    _stop_on_signals()
     try:
         _hydra_main()
     except (HydraException, OmegaConfBaseException) as exc:
@@ -355,6 +412,8 @@ def main() -> None:
             raise
         print(f"slp: error: {_mask_argv_secrets(user_error_line(exc), argv)}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt as exc:  # a signal while Hydra composes the config
+        _exit_interrupted(exc)
 
 
 def _mask_argv_secrets(message: str, argv: list[str]) -> str:

@@ -124,6 +124,10 @@ def get(
         got = cache.get(store, kind, oid, full_verify=full_verify, callback=cb)
     if got.repaired:
         say(f"Cache entry for {oid} was corrupt: removed and fetched again")
+    if got.resumed_from or got.reconnects:
+        kept = f"from {got.resumed_from} bytes kept by an interrupted get" if got.resumed_from else ""
+        cuts = f"after {got.reconnects} dropped connection(s)" if got.reconnects else ""
+        say(f"Resumed {' and '.join(p for p in (kept, cuts) if p)}, with ranged reads")
     if got.cache_hit:
         say(f"Local cache hit: {got.path} ({got.seconds * 1000:.1f} ms, validated by {got.validation})")
     else:

@@ -18,13 +18,18 @@ non-zero without a traceback::
     ├── PipelineError        a stage graph that cannot run (cycle, dangling reference,
     │                        unknown target), named by stage
     ├── RunFailed            a run that finished with a failed stage or was interrupted
+    ├── NotAbandoned         a staging run folder whose owner is not provably gone
     └── EngineError          the inference engine cannot start, died, or is unreachable
+
+    Interrupted              (a KeyboardInterrupt, not an SlpError) a stop signal
 
 Backend modules raise built-in ``OSError`` subclasses, as fsspec filesystems do;
 the store turns those into the errors above at its edge.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class SlpError(Exception):
@@ -77,3 +82,17 @@ class RunFailed(SlpError):
 
 class EngineError(SlpError):
     pass
+
+
+class NotAbandoned(SlpError):
+    pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised in the main thread. A KeyboardInterrupt, so every
+    path that handles Ctrl-C (mark the run interrupted, stop the engine, remove temporary
+    files) handles the others alike; ``signum`` says which one came."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)

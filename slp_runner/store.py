@@ -74,7 +74,10 @@ def backend_errors(backend: Backend, what: str) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except ConnectionError as exc:
-        raise BackendError(f"{backend.name} backend unreachable at {backend.location} ({what})") from exc
+        # A backend that counted its attempts (the filer's retries) says how hard it tried.
+        tried = (f" after {exc.attempts} attempts over {exc.seconds:.1f} s"
+                 if getattr(exc, "attempts", 0) and getattr(exc, "seconds", None) is not None else "")
+        raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried} ({what})") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "connect" in msg.lower() or "endpoint" in msg.lower():
@@ -329,16 +332,55 @@ class ArtifactStore:
 
     # -- reading ------------------------------------------------------------------
 
-    def stream_object(self, path: str, sink: Callable[[bytes], None]) -> None:
-        """Hand the bytes of a stored object to ``sink`` in order, the fastest way this
-        backend allows (concurrent ranged reads on S3, one streamed GET on the filer)."""
+    def stream_object(self, path: str, sink: Callable[[bytes], None], offset: int = 0,
+                      on_resume: Callable[[int], None] | None = None) -> int:
+        """Hand the bytes of a stored object from byte ``offset`` to ``sink`` in order,
+        the fastest way this backend allows (concurrent ranged reads on S3, one
+        streamed GET on the filer); return how many bytes were handed on.
+
+        A read cut part-way (the backend raises ConnectionError or TimeoutError after
+        its own retries) continues from the next byte with a ranged read, at most
+        ``backend.resumes`` times; ``on_resume(byte)`` is told each time. A read that
+        failed before handing on anything is not resumed: the backend's retries have
+        already spent their budget on it.
+        """
+        delivered = 0
+
+        def counted(chunk) -> None:
+            nonlocal delivered
+            sink(chunk)
+            delivered += len(chunk)
+
+        resumes, t0 = 0, time.monotonic()
         with backend_errors(self.backend, f"reading {path}"):
-            if self.backend.ordered_reader is not None:
-                self.backend.ordered_reader(path, sink)
-                return
-            with self.fs.open(path, "rb", **self.backend.read_options) as f:
-                while chunk := f.read(self.backend.read_chunk):
-                    sink(chunk)
+            while True:
+                before = delivered
+                try:
+                    self._stream_from(path, counted, offset + delivered)
+                    return delivered
+                except (ConnectionError, TimeoutError) as exc:
+                    if delivered == before or resumes >= self.backend.resumes:
+                        if not resumes:
+                            raise
+                        # Said once, for the whole read: how many tries it had, over how long.
+                        gave_up = ConnectionError(f"{exc}; gave up after {resumes + 1} attempts")
+                        gave_up.attempts, gave_up.seconds = resumes + 1, time.monotonic() - t0
+                        raise gave_up from exc
+                resumes += 1
+                if on_resume is not None:
+                    on_resume(offset + delivered)
+                if resumes > 1:  # as urllib3 does: the first at once, a cut is rarely a dead server
+                    time.sleep(self.backend.resume_backoff * 2 ** (resumes - 1))
+
+    def _stream_from(self, path: str, sink: Callable[[bytes], None], offset: int) -> None:
+        if self.backend.ordered_reader is not None:
+            self.backend.ordered_reader(path, sink, offset=offset)
+            return
+        with self.fs.open(path, "rb", **self.backend.read_options) as f:
+            if offset:
+                f.seek(offset)
+            while chunk := f.read(self.backend.read_chunk):
+                sink(chunk)
 
     def read_manifest(self, kind: ArtifactKind, oid: str) -> dict[str, Any]:
         found = self._read_manifest_or_none(kind, oid)

@@ -158,3 +158,15 @@ def test_smoke_on_other_pythons(version, tmp_path, wheel, small_file):
     results = [orjson.loads((work / "sweep" / str(n) / "result.json").read_bytes()) for n in (0, 1)]
     assert [r["status"] for r in results] == ["completed", "completed"]
     assert os.path.exists(work / "sweep" / "summary.csv")
+
+
+def test_all_and_dev_extras_are_the_union_of_the_others():
+    """`all` and `dev` are spelled out (old pips cannot resolve self-referencing extras):
+    they must not drift from the extras they stand for."""
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    union = {r for name in ("s3", "seaweedfs", "engine", "models", "bench") for r in extras[name]}
+    assert set(extras["all"]) == union
+    assert set(extras["dev"]) == union | {"pytest>=8"}

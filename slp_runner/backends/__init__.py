@@ -32,7 +32,12 @@ class Backend:
     local_paths: the filesystem's paths are this machine's paths (the local backend):
         a get can then let the kernel copy the file and hash the copy.
     ordered_reader: set where concurrent ranged reads beat one stream (S3):
-        ``ordered_reader(path, sink)`` calls ``sink(bytes)`` part by part, in order.
+        ``ordered_reader(path, sink, offset=0)`` calls ``sink(bytes)`` part by part, in
+        order, from byte ``offset``. Elsewhere the store opens the object with
+        ``read_options`` and ``seek``s to the offset (a ranged GET on the filer).
+    resumes: how many times one read of an object, cut by a dropped connection or a
+        timeout part-way, continues from the next byte (a ranged read) before the
+        error is reported; the first at once, the n-th after ``resume_backoff * 2**(n-1)`` s.
     atomic_put: a single small write is all-or-nothing (an S3 PUT): manifests and run
         files are then written in place instead of through a temporary name.
     verified_upload: set where an upload can be held invisible until checked
@@ -51,6 +56,8 @@ class Backend:
     write_options: dict = field(default_factory=dict)
     local_paths: bool = False
     ordered_reader: Callable[..., int] | None = None
+    resumes: int = 0
+    resume_backoff: float = 0.2
     atomic_put: bool = False
     verified_upload: Callable[..., None] | None = None
     prepare_write: Callable[[], None] | None = None
@@ -74,11 +81,18 @@ def local_backend(root: str, **_: Any) -> Backend:
     return Backend("local", fs, root, root, {"block_size": 8 * 1024 * 1024}, local_paths=True)
 
 
-def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, **_: Any) -> Backend:
-    """A SeaweedFS filer over its HTTP API."""
-    fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, skip_instance_cache=True)
+def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, retries: int = 5,
+                      backoff: float = 0.2, **_: Any) -> Backend:
+    """A SeaweedFS filer over its HTTP API.
+
+    ``retries``: a failed request is tried again at most this many times, retry n >= 2
+    after ``backoff * 2**(n-1)`` seconds plus jitter (the first at once); a read cut
+    part-way continues with a ranged GET at most this many times."""
+    fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, retries=retries, backoff=backoff,
+                           skip_instance_cache=True)
     location = strip_url_password(f"{filer_url.rstrip('/')}/{root.strip('/')}")
-    return Backend("seaweedfs", fs, root.strip("/"), location, {"block_size": 0})
+    return Backend("seaweedfs", fs, root.strip("/"), location, {"block_size": 0},
+                   resumes=max(0, int(retries)), resume_backoff=backoff)
 
 
 def s3_backend(
@@ -90,7 +104,8 @@ def s3_backend(
     region: str = "us-east-1",
     create_bucket: bool = True,
     connect_timeout: float = 5.0,
-    retries: int = 2,
+    retries: int = 5,
+    backoff: float = 0.2,
     part_size_mb: int = 8,
     max_concurrency: int = 4,
     read_concurrency: int = 8,
@@ -102,6 +117,13 @@ def s3_backend(
     variables and files; they are never part of ``location``. Multipart uploads keep
     at most ``max_concurrency`` parts of ``part_size_mb`` in memory (s3fs's defaults,
     10 x 50 MiB, held over 1 GiB for a 1 GiB file).
+
+    ``retries``: botocore's ``standard`` retry mode makes at most ``retries + 1``
+    attempts of a request (connection errors, timeouts, 5xx, throttling), with its
+    own exponential backoff and jitter; s3fs re-reads a ranged GET whose body was cut
+    at most ``retries + 1`` times (each a botocore request with its own attempts);
+    a download cut even so continues from the next byte at most ``retries`` times
+    (the first at once, the n-th after ``backoff * 2**(n-1)`` seconds).
     """
     try:
         import s3fs
@@ -117,10 +139,12 @@ def s3_backend(
         key=key or None,
         secret=secret or None,
         client_kwargs=client_kwargs,
-        config_kwargs={"connect_timeout": connect_timeout, "retries": {"max_attempts": retries}},
+        config_kwargs={"connect_timeout": connect_timeout,
+                       "retries": {"mode": "standard", "total_max_attempts": max(0, int(retries)) + 1}},
         max_concurrency=max_concurrency,
         skip_instance_cache=True,
     )
+    fs.retries = max(0, int(retries)) + 1  # s3fs's own loop around a GET and its body read (default 5)
     location = strip_url_password(f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/"))
 
     def make_bucket() -> None:
@@ -139,4 +163,6 @@ def s3_backend(
                                          concurrency=read_concurrency),
         prepare_write=make_bucket,
         atomic_put=True,
+        resumes=max(0, int(retries)),
+        resume_backoff=backoff,
     )

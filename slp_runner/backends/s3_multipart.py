@@ -9,7 +9,10 @@ temporary name and no server-side copy, while nothing is ever visible under a
 hash its bytes do not match. Memory holds at most ``concurrency + 1`` parts.
 
 An ordered ranged download: parts are fetched concurrently (as boto3's transfer
-manager does) and handed on in order, so the cache hashes while it writes.
+manager does) and handed on in order, so the cache hashes while it writes. It can
+start at any byte (a resumed download), and a part that fails for good after the
+retries below it (botocore's per request, s3fs's around each body read) is reported
+as ``ConnectionError``/``TimeoutError`` so the reader can continue from there.
 """
 
 from __future__ import annotations
@@ -84,17 +87,52 @@ def _collect(done, in_flight, parts, callback) -> None:
         callback.relative_update(size)
 
 
-def download_ordered(fs, path: str, sink: Callable[[bytes], None], *, part_size: int = 8 * 1024 * 1024,
-                     concurrency: int = 4) -> int:
-    """Read ``path`` as concurrent ranged GETs, handing the parts to ``sink`` in order
-    (so it can hash as it writes). At most ``concurrency`` parts are in memory."""
+def download_ordered(fs, path: str, sink: Callable[[bytes], None], *, offset: int = 0,
+                     part_size: int = 8 * 1024 * 1024, concurrency: int = 4) -> int:
+    """Read ``path`` from byte ``offset`` as concurrent ranged GETs, handing the parts
+    to ``sink`` in order (so it can hash as it writes). At most ``concurrency`` parts
+    are in memory. Returns the object's size."""
     size = fs.info(path)["size"]
-    ranges = iter([(off, min(off + part_size, size)) for off in range(0, size, part_size)])
+    ranges = iter([(off, min(off + part_size, size)) for off in range(offset, size, part_size)])
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slp-s3-get") as pool:
         pending = deque(pool.submit(fs.cat_file, path, start=a, end=b) for a, b in islice(ranges, concurrency))
-        while pending:
-            data = pending.popleft().result()
-            for a, b in islice(ranges, 1):
-                pending.append(pool.submit(fs.cat_file, path, start=a, end=b))
-            sink(data)
+        try:
+            while pending:
+                data = _part(pending.popleft(), path)
+                for a, b in islice(ranges, 1):
+                    pending.append(pool.submit(fs.cat_file, path, start=a, end=b))
+                sink(data)
+        finally:
+            for fut in pending:  # a failed part: the others are not waited for, then dropped
+                fut.cancel()
     return size
+
+
+def _part(fut, path: str) -> bytes:
+    try:
+        return fut.result()
+    except (FileNotFoundError, PermissionError):
+        raise
+    except TimeoutError:
+        raise
+    except Exception as exc:  # aiohttp, botocore: not OSErrors; the store knows OSErrors
+        if isinstance(exc, OSError) or _is_transport_error(exc):
+            raise ConnectionError(f"S3 ranged GET of {path} failed after retries: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """A connection that broke or a body that was cut (botocore's or aiohttp's words for it)."""
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        if isinstance(exc, (HTTPClientError, BotoConnectionError)):
+            return True
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return True
+    return False

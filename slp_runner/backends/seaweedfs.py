@@ -13,22 +13,62 @@ The filer API used here (SeaweedFS 4.x):
 - ``GET /dir/`` with ``Accept: application/json`` lists, paged by ``lastFileName``;
 - ``POST /dir/`` creates a directory; ``DELETE /path[?recursive=true]`` removes;
 - ``POST /new?mv.from=/old`` renames atomically (overwriting ``/new``).
+
+Transient faults (connection errors, timeouts, 5xx) are retried a bounded number of
+times with exponential backoff and jitter. Idempotent requests (GET, HEAD) are
+retried by urllib3's ``Retry`` on the session; a request that never reached the
+filer (connection refused) is retried whatever its method. A PUT body streamed from
+a file cannot be replayed by urllib3, so ``put_file`` and ``pipe_file`` retry at
+this level, reopening the file, within the same budget. Appends and renames are not
+retried once sent. Giving up raises one ``ConnectionError`` naming the attempts and
+the time spent; a streamed read cut part-way raises ``ConnectionError`` or
+``TimeoutError`` too, and is resumed by the reader with ``seek`` (a ranged GET).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import random
+import time
 from datetime import datetime
 from urllib.parse import quote
 
 import requests
 from fsspec.callbacks import DEFAULT_CALLBACK
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util.retry import Retry
 
 _MODE_DIR = 1 << 31
 _LIST_PAGE = 1000
 _IO_CHUNK = 4 * 1024 * 1024
+_RETRY_STATUS = (500, 502, 503, 504)
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
+
+
+class _CountingRetry(Retry):
+    """urllib3's Retry, tagging the error it gives up on with the attempts made
+    (the error urllib3 raises does not carry the Retry that counted them)."""
+
+    def increment(self, *args, **kwargs):
+        try:
+            return super().increment(*args, **kwargs)
+        except Exception as exc:
+            exc.slp_attempts = len(self.history) + 1
+            raise
+
+
+class FilerUnavailable(ConnectionError):
+    """The filer could not be reached, or a transfer was cut, after ``attempts`` over ``seconds``."""
+
+    def __init__(self, message: str, attempts: int = 1, seconds: float = 0.0):
+        super().__init__(message)
+        self.attempts = attempts
+        self.seconds = seconds
 
 
 class SeaweedFSFileSystem(AbstractFileSystem):
@@ -38,16 +78,36 @@ class SeaweedFSFileSystem(AbstractFileSystem):
     ----------
     filer_url: base URL of the filer, e.g. ``http://127.0.0.1:8888``.
     timeout: seconds to wait to connect and between bytes of a response.
+    retries: how many times a failed request is tried again (0: never).
+    backoff: seconds; retry n >= 2 waits ``backoff * 2**(n-1)`` plus up to ``backoff``
+        of jitter, the first goes at once (urllib3's schedule).
     """
 
     protocol = ("seaweedfs",)
     root_marker = ""
 
-    def __init__(self, filer_url: str = "http://127.0.0.1:8888", timeout: float = 60.0, **kwargs):
+    def __init__(self, filer_url: str = "http://127.0.0.1:8888", timeout: float = 60.0, retries: int = 5,
+                 backoff: float = 0.2, **kwargs):
         super().__init__(**kwargs)
         self.filer_url = filer_url.rstrip("/")
         self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = max(0.0, float(backoff))
         self.session = requests.Session()
+        retry = _CountingRetry(
+            total=self.retries, connect=self.retries, read=self.retries, status=self.retries, other=0,
+            allowed_methods=_IDEMPOTENT, status_forcelist=_RETRY_STATUS, backoff_factor=self.backoff,
+            backoff_jitter=self.backoff, backoff_max=30.0, raise_on_status=False,
+        )
+        adapter = HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def backoff_time(self, attempts: int) -> float:
+        """The wait before try ``attempts + 1``, on urllib3's schedule (used where we retry ourselves)."""
+        if attempts <= 1:
+            return 0.0
+        return min(30.0, self.backoff * 2 ** (attempts - 1) + random.random() * self.backoff)
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -70,18 +130,21 @@ class SeaweedFSFileSystem(AbstractFileSystem):
     def _call(self, method: str, path: str, *, params=None, trailing_slash=False, ok=(), **kwargs):
         """Send one request to the filer and map its failures to OSError subclasses."""
         url = self._url(path, trailing_slash)
+        where = f"/{self._strip_protocol(path)}"
         kwargs.setdefault("timeout", self.timeout)
+        t0 = time.monotonic()
         try:
             resp = self.session.request(method, url, params=params, **kwargs)
-        except requests.ConnectionError as exc:
-            raise ConnectionError(f"SeaweedFS filer unreachable at {self.filer_url}") from exc
-        except requests.Timeout as exc:
-            raise TimeoutError(f"SeaweedFS filer at {self.filer_url} timed out on {method} /{path}") from exc
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise self.gave_up(method, where, _attempts_of(exc), time.monotonic() - t0,
+                               timed_out=isinstance(exc, requests.Timeout)) from exc
         if resp.status_code < 400 or resp.status_code in ok:
             return resp
         detail = _error_detail(resp)
+        history = getattr(getattr(resp.raw, "retries", None), "history", ())
+        if history:
+            detail += f"; after {len(history) + 1} attempts over {time.monotonic() - t0:.1f} s"
         resp.close()
-        where = f"/{self._strip_protocol(path)}"
         if resp.status_code == 404:
             raise FileNotFoundError(where)
         if resp.status_code in (401, 403):
@@ -91,6 +154,30 @@ class SeaweedFSFileSystem(AbstractFileSystem):
         if resp.status_code == 416:
             raise ValueError(f"{where}: range not satisfiable")
         raise OSError(f"SeaweedFS filer {method} {where} failed ({resp.status_code}): {detail}")
+
+    def gave_up(self, method: str, where: str, attempts: int, seconds: float, timed_out: bool = False) -> OSError:
+        """The one-line error for a request that failed for good."""
+        how = "timed out" if timed_out else "unreachable"
+        return FilerUnavailable(f"SeaweedFS filer {how} at {self.filer_url} after {attempts} "
+                                f"attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s ({method} {where})",
+                                attempts, seconds)
+
+    def _call_replayable(self, method: str, path: str, open_body, **kwargs):
+        """``_call`` with a body urllib3 cannot replay (a file being streamed): on a
+        connection error or timeout, reopen the body and try again, within the same
+        budget of ``retries + 1`` attempts that urllib3's own retries draw from."""
+        used, t0 = 0, time.monotonic()
+        while True:
+            try:
+                with open_body() as body:
+                    return self._call(method, path, data=body, **kwargs)
+            except (ConnectionError, TimeoutError) as exc:
+                used += getattr(exc, "attempts", 1)
+                if used > self.retries:
+                    where = f"/{self._strip_protocol(path)}"
+                    raise self.gave_up(method, where, used, time.monotonic() - t0,
+                                       isinstance(exc, TimeoutError)) from exc
+                time.sleep(self.backoff_time(used))
 
     # -- metadata -----------------------------------------------------------------
 
@@ -188,7 +275,8 @@ class SeaweedFSFileSystem(AbstractFileSystem):
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
         if mode == "create" and self.exists(path):
             raise FileExistsError(path)
-        self._call("PUT", path, data=value)
+        # A whole-file PUT is idempotent: sending it again after a cut is safe.
+        self._call_replayable("PUT", path, lambda: contextlib.nullcontext(value))
 
     def put_file(self, lpath, rpath, callback=DEFAULT_CALLBACK, mode="overwrite", **kwargs):
         if os.path.isdir(lpath):
@@ -196,15 +284,20 @@ class SeaweedFSFileSystem(AbstractFileSystem):
             return
         if mode == "create" and self.exists(rpath):
             raise FileExistsError(rpath)
-        with open(lpath, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            callback.set_size(size)
-            if size == 0:
-                self._call("PUT", rpath, data=b"")
-                return
-            body = _CallbackReader(f, callback) if callback is not DEFAULT_CALLBACK else f
-            # A file object streams with a Content-Length, like `curl -T`.
-            self._call("PUT", rpath, data=body, headers={"Content-Length": str(size)})
+        size = os.path.getsize(lpath)
+        callback.set_size(size)
+        if size == 0:
+            self._call_replayable("PUT", rpath, lambda: contextlib.nullcontext(b""))
+            return
+
+        def open_body():
+            # Reopened for each attempt: a cut PUT is sent again from the first byte
+            # (the progress bar is told to take back what it had counted).
+            f = open(lpath, "rb")
+            return _CallbackReader(f, callback) if callback is not DEFAULT_CALLBACK else f
+
+        # A file object streams with a Content-Length, like `curl -T`.
+        self._call_replayable("PUT", rpath, open_body, headers={"Content-Length": str(size)})
 
     def get_file(self, rpath, lpath, callback=DEFAULT_CALLBACK, outfile=None, **kwargs):
         if hasattr(lpath, "write"):
@@ -274,7 +367,7 @@ class SeaweedFSFileSystem(AbstractFileSystem):
                 raise FileExistsError(path)
             mode = "wb"
         if mode == "rb" and block_size == 0:
-            return _ResponseStream(self._call("GET", path, stream=True))
+            return _ResponseStream(self, path)
         return SeaweedFSFile(
             self, path, mode=mode, block_size=block_size or _IO_CHUNK, autocommit=autocommit,
             cache_options=cache_options, **kwargs,
@@ -307,27 +400,75 @@ class SeaweedFSFile(AbstractBufferedFile):
 
 class _ResponseStream(io.RawIOBase):
     """A streamed HTTP response body as a read-only file: ``read(n)`` hands back
-    urllib3's bytes without another copy (what ``block_size=0`` opens)."""
+    urllib3's bytes without another copy (what ``block_size=0`` opens).
 
-    def __init__(self, resp: requests.Response):
-        self._resp = resp
-        self._raw = resp.raw
+    The GET is sent by the first ``read`` (a missing file raises FileNotFoundError
+    there), from the position ``seek`` set: ``Range: bytes=n-``, which is how a reader
+    resumes after the connection dropped; a later ``seek`` sends a new ranged GET.
+    A cut stream raises ``ConnectionError`` (``TimeoutError`` if the filer went
+    silent), never short data.
+    """
+
+    def __init__(self, fs: SeaweedFSFileSystem, path: str):
+        self._fs = fs
+        self._path = path
+        self._pos = 0
+        self._resp = None
+        self._raw = None
+
+    def _request(self) -> None:
+        headers = {"Range": f"bytes={self._pos}-"} if self._pos else {}
+        self._resp = self._fs._call("GET", self._path, headers=headers, stream=True, ok=(416,))
+        self._raw = self._resp.raw
         self._raw.decode_content = True
+
+    def _drop_response(self) -> None:
+        if self._resp is not None:
+            self._resp.close()
+        self._resp = self._raw = None
 
     def readable(self):
         return True
 
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        if whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("only absolute seeks (a new ranged GET)")
+        if offset != self._pos:
+            self._drop_response()
+            self._pos = offset
+        return self._pos
+
     def read(self, n=-1):
-        return self._raw.read(None if n is None or n < 0 else n)
+        if self._resp is None:
+            self._request()
+        if self._resp.status_code == 416:  # at or past the end: nothing left to read
+            return b""
+        try:
+            data = self._raw.read(None if n is None or n < 0 else n)
+        except (Urllib3HTTPError, requests.RequestException, OSError) as exc:
+            # urllib3 reports a cut body (fewer bytes than Content-Length) as ProtocolError.
+            self._drop_response()
+            timed_out = isinstance(exc, (ReadTimeoutError, TimeoutError))
+            err, how = (TimeoutError, "went silent") if timed_out else (ConnectionError, "dropped the connection")
+            raise err(f"SeaweedFS filer at {self._fs.filer_url} {how} at byte {self._pos} "
+                      f"(GET /{self._fs._strip_protocol(self._path)})") from exc
+        self._pos += len(data)
+        return data
 
     def readinto(self, b):
-        data = self._raw.read(len(b))
+        data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
     def close(self):
         if not self.closed:
-            self._resp.close()
+            self._drop_response()
         super().close()
 
 
@@ -337,14 +478,30 @@ class _CallbackReader:
     def __init__(self, f, callback):
         self._f = f
         self._callback = callback
+        self._sent = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is not None and self._sent:
+            self._callback.relative_update(-self._sent)  # this attempt's bytes are sent again
+        self._f.close()
 
     def read(self, n=-1):
         data = self._f.read(n)
+        self._sent += len(data)
         self._callback.relative_update(len(data))
         return data
 
     def __len__(self):
         return os.fstat(self._f.fileno()).st_size
+
+
+def _attempts_of(exc: requests.RequestException) -> int:
+    """How many attempts urllib3 made before ``exc`` (tagged by _CountingRetry)."""
+    inner = exc.args[0] if exc.args else None
+    return getattr(inner, "slp_attempts", None) or getattr(exc, "slp_attempts", None) or 1
 
 
 def _error_detail(resp: requests.Response) -> str:

@@ -122,11 +122,19 @@ class ManagedLlamaServer:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=min(1.0, timeout))
         except subprocess.TimeoutExpired:
+            # With a request in flight llama-server waits for it after the first SIGTERM;
+            # a second one means "terminate now" (its signal handler), well inside a
+            # scheduler's grace period.
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=max(0.0, timeout - 1.0))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
 
     def last_log_line(self) -> str:
         try:

@@ -14,6 +14,7 @@ from ..cache import LocalCache
 from ..errors import ArtifactNotFound, ConfigError
 from ..hashing import hash_file
 from ..store import ArtifactStore, backend_errors
+from .abandoned import staging_runs
 from .run_folder import RUN_ID_RE
 
 
@@ -46,7 +47,8 @@ def load_manifest(run_id: str, runs_dir: str, store: ArtifactStore | None) -> di
 
 
 def list_runs(runs_dir: str, limit: int = 20, out: TextIO = sys.stdout) -> list[dict]:
-    """Recent runs, newest first, with status and key numbers."""
+    """Recent runs, newest first, with status and key numbers; then every folder still
+    in ``runs/.staging`` (running, abandoned or unknown: see :mod:`.abandoned`)."""
     rows = []
     if os.path.isdir(runs_dir):
         for name in os.listdir(runs_dir):
@@ -66,9 +68,16 @@ def list_runs(runs_dir: str, limit: int = 20, out: TextIO = sys.stdout) -> list[
         extra = f" reproduces {r['reproduces']}" if r["reproduces"] else ""
         print(f"{r['run_id']}  {r['status']:<11} {r['pipeline'] or '-':<20} {r['total_latency_ms'] / 1000:>8.2f}s "
               f"{r['stages']:>3} stages {r['cache_hits']:>3} cached{extra}", file=out)
-    if not rows:
+    staging = staging_runs(runs_dir)
+    for r in staging:
+        owner = f"pid {r['pid']} on {r['host']}" if r["pid"] else r["reason"]
+        print(f"{r['run_id']}  {r['status']:<11} {r['pipeline'] or '-':<20} {'-':>8}  {len(r['stages']):>3} stages "
+              f"in .staging ({owner})", file=out)
+    if any(r["status"] == "abandoned" for r in staging):
+        print("abandoned runs: `slp task=runs op=finalize` keeps them as runs, `op=clean` deletes them", file=out)
+    if not rows and not staging:
         print(f"no runs in {os.path.abspath(runs_dir)}", file=out)
-    return rows
+    return rows + staging
 
 
 def verify_run(manifest: dict, store: ArtifactStore, cache: LocalCache, out: TextIO = sys.stdout) -> list[dict]:

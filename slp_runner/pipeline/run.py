@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -63,8 +64,10 @@ def execute(
     ``config_yaml`` must already have its secret-named keys masked; ``redactor``
     (default: the secrets of this process's environment and of the store's backend)
     then scrubs every file of the folder, the returned manifest and the error.
-    Raises RunFailed (after the folder is written) when a stage failed;
-    KeyboardInterrupt leaves a folder marked interrupted.
+    Raises RunFailed (after the folder is written) when a stage failed.
+    KeyboardInterrupt (Ctrl-C, or a stop signal as :class:`~slp_runner.errors.Interrupted`)
+    leaves a folder marked interrupted with the signal's name, finalized and published
+    (a failed upload is one line: the local folder stays), then is raised again.
     """
     redactor = redactor or Redactor(fs=store.backend.fs)
     # Made first: a bad setting (workers=abc) fails before any folder exists.
@@ -80,13 +83,13 @@ def execute(
           file=out, flush=True)
     status = "completed"
     records: dict[str, StageRecord] = {}
-    interrupted = False
+    interrupted: KeyboardInterrupt | None = None
     try:
         records = runner.run(pipeline, folder.staging, run_id, final_dir=folder.final)
-    except KeyboardInterrupt:
-        interrupted, status = True, "interrupted"
+    except KeyboardInterrupt as exc:
+        interrupted, status = exc, "interrupted"
         records = runner.records  # completed stages keep their results
-    if not interrupted and any(r.status != "completed" for r in records.values()):
+    if interrupted is None and any(r.status != "completed" for r in records.values()):
         status = "failed"
     manifest = {
         "run_id": run_id,
@@ -101,6 +104,8 @@ def execute(
         "overrides": redactor.overrides(overrides),
         "system": system_info(os.getcwd()),  # the git commit of the project the user runs from
     }
+    if interrupted is not None:
+        manifest["signal"] = signal.Signals(getattr(interrupted, "signum", signal.SIGINT)).name
     if reproduces:
         manifest["reproduces"] = reproduces
     manifest = redactor.tree(manifest, names=False)  # stage errors, inputs, outputs, metrics
@@ -108,16 +113,29 @@ def execute(
     folder.write_json("manifest.json", manifest)
     final = folder.finalize(redactor)  # logs and stage files too
     _print_summary(manifest, final, out)
-    if upload and not interrupted:
-        n = folder.upload(store)
-        print(f"published {n} files to {store.backend.location.rstrip('/')}/runs/{run_id}/", file=out)
-    if interrupted:
-        raise KeyboardInterrupt
+    if upload:
+        try:
+            n = folder.upload(store)
+        except Exception as exc:
+            if interrupted is None:
+                raise
+            # Stopping: the local folder is whole, so say why the backend lacks it and go on.
+            print(f"run {run_id} not published ({redactor.text(_first_line(exc))}); the run folder stays at {final}",
+                  file=out, flush=True)
+        else:
+            print(f"published {n} files to {store.backend.location.rstrip('/')}/runs/{run_id}/", file=out, flush=True)
+    if interrupted is not None:
+        raise interrupted
     result = RunResult(run_id, status, final, manifest, records)
     if status != "completed":
         failed = [f"{n}: {st['error']}" for n, st in manifest["stages"].items() if st["status"] == "failed"]
         raise RunFailed(f"run {run_id} failed ({'; '.join(failed)[:500]}); folder {final}")
     return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def cache_label(stage: dict) -> str:

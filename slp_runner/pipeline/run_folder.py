@@ -13,12 +13,20 @@ process knows (see :mod:`slp_runner.redaction`), renamed into place whole, then 
 read-only: a folder under ``runs/`` is never half-written nor rewritten.
 The finished folder is then copied to the backend under ``runs/<run_id>/``, the
 manifest last, so a manifest in the backend means the whole folder is there.
+
+While it is written, the staging folder holds ``.owner`` (pid, host, start time),
+``flock``-ed by the writing process until the folder is in place: the kernel drops
+the lock when that process dies however it dies, which is how
+:mod:`slp_runner.pipeline.abandoned` tells a run in progress from one left behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import socket
 import stat
 import time
 from datetime import datetime, timezone
@@ -26,10 +34,12 @@ from datetime import datetime, timezone
 import blake3
 import orjson
 
+from ..manifest import utc_now
 from ..redaction import Redactor
 from ..store import ArtifactStore
 
 RUN_ID_RE = re.compile(r"run-\d{8}-\d{6}-[0-9a-f]{8}")
+OWNER = ".owner"  # the owner record of a staging folder; never part of a finished run
 
 
 def new_run_id(content: bytes) -> str:
@@ -46,7 +56,7 @@ class RunFolder:
         self.run_id = run_id
         self.staging = os.path.join(self.runs_dir, ".staging", run_id)
         self.final = os.path.join(self.runs_dir, run_id)
-        os.makedirs(self.staging)
+        self._owner_fd: int | None = claim_staging(self.staging, run_id)
 
     @property
     def path(self) -> str:
@@ -68,10 +78,9 @@ class RunFolder:
         if redactor is not None:
             redactor.scrub_folder(self.staging)
         os.rename(self.staging, self.final)
-        for root, dirs, files in os.walk(self.final):
-            for name in files:
-                p = os.path.join(root, name)
-                os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) & ~0o222)
+        release_owner(self.final, self._owner_fd)  # held until the folder is out of .staging
+        self._owner_fd = None
+        make_read_only(self.final)
         return self.final
 
     def files(self) -> list[str]:
@@ -87,3 +96,44 @@ class RunFolder:
                 store.put_bytes(f.read(), f"runs/{self.run_id}/{rel}")
             count += 1
         return count
+
+
+def make_read_only(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            p = os.path.join(root, name)
+            os.chmod(p, stat.S_IMODE(os.stat(p).st_mode) & ~0o222)
+
+
+def claim_staging(staging: str, run_id: str) -> int:
+    """Create the staging folder with its owner record already locked; return the
+    locked descriptor, to keep open until the folder is finalized.
+
+    Built under a hidden name and renamed into place, so no staging folder is ever
+    seen without a locked owner record.
+    """
+    tmp = os.path.join(os.path.dirname(staging), f".{run_id}.{os.getpid()}.new")
+    os.makedirs(tmp)
+    fd = os.open(os.path.join(tmp, OWNER), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, orjson.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                   "start_time": utc_now()}) + b"\n")
+        os.rename(tmp, staging)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(tmp, OWNER))
+            os.rmdir(tmp)
+        raise
+    return fd
+
+
+def release_owner(folder: str, fd: int | None) -> None:
+    """Drop the owner record of a folder that has left ``.staging``. A reader that
+    opened the record before the rename gets the lock now, but finds no record at the
+    staging path any more, so it never takes a finished run for an abandoned one."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, OWNER))
+    if fd is not None:
+        os.close(fd)

@@ -157,9 +157,10 @@ class Runner:
             rec.status = "completed"
             log.info("completed")
         except Exception as exc:
-            rec.status = "failed"
-            rec.error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SlpError) else str(exc)
-            log.error("failed: %s\n%s", rec.error, traceback.format_exc())
+            error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SlpError) else str(exc)
+            log.error("failed: %s\n%s", error, traceback.format_exc())
+            if rec.status != "interrupted":  # else it failed because the run is stopping (its engine went)
+                rec.status, rec.error = "failed", error
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             log.removeHandler(handler)
