@@ -58,7 +58,7 @@ demo: install
 	rm -f runs/.demo-model.log runs/.demo-prompts.log
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 llama-batch: install
 	$(SLP) pipeline=llama_batch engine=external engine.url=$(URL) prompts.path=$(PROMPTS) backend=$(BACKEND)
