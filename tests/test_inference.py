@@ -3,6 +3,7 @@ determinism and reproduce, the model cache, failing prompts, external servers, a
 server that dies. Few tokens per prompt, to stay quick on 2 cores."""
 
 import io
+import glob
 import os
 import signal
 import subprocess
@@ -173,8 +174,11 @@ def test_server_that_dies_fails_the_run_and_nothing_is_left(make_cfg, stored, tm
         deadline = time.time() + 120
         while time.time() < deadline and not killed.is_set():
             mine = [p for p in llama_servers() if p.ppid() == proc.pid]
-            if mine:
-                time.sleep(3)  # model loaded, prompts in flight
+            # Only once the inference stage runs (the model is loaded): on a loaded
+            # machine a fixed delay could land while the model is still loading.
+            generating = glob.glob(str(tmp_path / "runs" / ".staging" / "*" / "logs" / "inference.log"))
+            if mine and generating:
+                time.sleep(1)  # prompts in flight
                 mine[0].send_signal(signal.SIGKILL)
                 killed.set()
             time.sleep(0.2)
