@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from . import manifest as manifests
 from .artifacts import KINDS, ArtifactKind
@@ -103,6 +103,14 @@ class Fsck:
         self.findings.append(finding)
         print(finding.line(self.fix), file=self.out, flush=True)
 
+    def leftover(self, what: str, where: str, detail: str, remove: Callable[[], None]) -> None:
+        """Report a leftover; with ``fix``, ``remove()`` it first."""
+        finding = Finding("leftover", what, where, detail)
+        if self.fix:
+            remove()
+            finding.fixed = True
+        self.report(finding)
+
     def run(self) -> list[Finding]:
         backend = self.store.backend
         with backend_errors(backend, "checking the store"):
@@ -125,12 +133,8 @@ class Fsck:
             age = _age(self.fs, entry["name"], entry)
             if age < self.grace:
                 continue
-            finding = Finding("leftover", "incoming", entry["name"],
-                              f"{human(int(entry.get('size') or 0))}, {age / 3600:.1f} h old")
-            if self.fix:
-                self.fs.rm(entry["name"])
-                finding.fixed = True
-            self.report(finding)
+            self.leftover("incoming", entry["name"], f"{human(int(entry.get('size') or 0))}, {age / 3600:.1f} h old",
+                          lambda name=entry["name"]: self.fs.rm(name))
 
     def multipart_uploads(self) -> None:
         if self.store.backend.name != "s3":
@@ -141,13 +145,10 @@ class Fsck:
             age = (datetime.now(timezone.utc) - upload["Initiated"]).total_seconds()
             if age < self.grace:
                 continue
-            finding = Finding("leftover", "multipart-upload", f"{upload['Bucket']}/{upload['Key']}",
-                              f"upload {upload['UploadId'][:16]}..., {upload['parts']} parts, "
-                              f"{human(upload['bytes'])}, {age / 3600:.1f} h old")
-            if self.fix:
-                abort_upload(self.fs, upload)
-                finding.fixed = True
-            self.report(finding)
+            self.leftover("multipart-upload", f"{upload['Bucket']}/{upload['Key']}",
+                          f"upload {upload['UploadId'][:16]}..., {upload['parts']} parts, "
+                          f"{human(upload['bytes'])}, {age / 3600:.1f} h old",
+                          lambda upload=upload: abort_upload(self.fs, upload))
 
     def objects_and_manifests(self) -> None:
         sampled: list[tuple[ArtifactKind, str]] = []
@@ -176,12 +177,9 @@ class Fsck:
     def orphan_manifest(self, kind: ArtifactKind, oid: str, entry: dict) -> None:
         if _age(self.fs, entry["name"], entry) < self.grace:
             return
-        finding = Finding("leftover", "orphan-manifest", entry["name"],
-                          f"its {kind.name} object is gone (task=repair hash={oid} path=... restores it)")
-        if self.fix:
-            self.fs.rm(entry["name"])
-            finding.fixed = True
-        self.report(finding)
+        self.leftover("orphan-manifest", entry["name"],
+                      f"its {kind.name} object is gone (task=repair hash={oid} path=... restores it)",
+                      lambda: self.fs.rm(entry["name"]))
 
     def orphan_object(self, kind: ArtifactKind, oid: str, entry: dict) -> None:
         path = entry["name"]
@@ -213,14 +211,8 @@ class Fsck:
                 continue
             if what == "cache-lock" and not _lock_is_free(path):
                 continue  # a get holds it right now
-            finding = Finding("leftover", what, path, f"{human(os.path.getsize(path))}, {age / 3600:.1f} h old")
-            if self.fix:
-                try:
-                    os.unlink(path)
-                    finding.fixed = True
-                except FileNotFoundError:
-                    finding.fixed = True
-            self.report(finding)
+            self.leftover(what, path, f"{human(os.path.getsize(path))}, {age / 3600:.1f} h old",
+                          lambda path=path: _unlink(path))
 
     def _cache_candidates(self) -> Iterator[tuple[str, str]]:
         for kind in KINDS.values():
@@ -242,12 +234,15 @@ class Fsck:
         except ImportError:  # pragma: no cover - the module ships with the package
             return
         for run in find_abandoned(self.runs_dir):
-            finding = Finding("leftover", "abandoned-run", run.get("path", run["run_id"]),
-                              f"run {run['run_id']} whose process is gone")
-            if self.fix:
-                remove_abandoned(self.runs_dir, run["run_id"])
-                finding.fixed = True
-            self.report(finding)
+            self.leftover("abandoned-run", run.get("path", run["run_id"]), f"run {run['run_id']} whose process is gone",
+                          lambda run_id=run["run_id"]: remove_abandoned(self.runs_dir, run_id))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:  # gone meanwhile: as good as removed
+        pass
 
 
 def _lock_is_free(path: str) -> bool:
