@@ -67,6 +67,17 @@ class ObjectCheck:
 @contextlib.contextmanager
 def backend_errors(backend: Backend, what: str) -> Iterator[None]:
     """Turn whatever a backend raises into one SlpError line naming the backend."""
+    t0 = time.monotonic()
+
+    def tried(exc: BaseException) -> str:
+        # A backend that counted its attempts (the filer's retries) says how hard it tried;
+        # otherwise its configured bound (botocore counts but does not say) and the time.
+        if getattr(exc, "attempts", 0) and getattr(exc, "seconds", None) is not None:
+            return f" after {exc.attempts} attempts over {exc.seconds:.1f} s"
+        if backend.resumes:
+            return f" after up to {backend.resumes + 1} attempts over {time.monotonic() - t0:.1f} s"
+        return ""
+
     try:
         yield
     except SlpError:
@@ -74,14 +85,11 @@ def backend_errors(backend: Backend, what: str) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except ConnectionError as exc:
-        # A backend that counted its attempts (the filer's retries) says how hard it tried.
-        tried = (f" after {exc.attempts} attempts over {exc.seconds:.1f} s"
-                 if getattr(exc, "attempts", 0) and getattr(exc, "seconds", None) is not None else "")
-        raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried} ({what})") from exc
+        raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} ({what})") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "connect" in msg.lower() or "endpoint" in msg.lower():
-            raise BackendError(f"{backend.name} backend unreachable at {backend.location} ({what})") from exc
+            raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} ({what})") from exc
         raise BackendError(f"{backend.name} backend at {backend.location}: {what} failed: {msg}") from exc
 
 
