@@ -418,7 +418,7 @@ def main() -> None:
 
 def _mask_argv_secrets(message: str, argv: list[str]) -> str:
     """An error about the command line may quote it: mask what a secret-named key was given."""
-    from .redaction import Redactor, mask_override
+    from .redaction import Redactor, mask_override, strip_url_password
 
     for arg in argv:
         masked = mask_override(arg)
@@ -427,7 +427,7 @@ def _mask_argv_secrets(message: str, argv: list[str]) -> str:
             value = arg.partition("=")[2].strip("'\"")
             if value:
                 message = message.replace(value, "***")
-    return Redactor().text(message)
+    return Redactor().text(strip_url_password(message))
 
 
 if __name__ == "__main__":

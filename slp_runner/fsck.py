@@ -209,8 +209,9 @@ class Fsck:
                 continue
             if age < self.grace:
                 continue
-            if what == "cache-lock" and not _lock_is_free(path):
-                continue  # a get holds it right now
+            lock = path if what == "cache-lock" else _entry_lock(path)
+            if lock is not None and os.path.exists(lock) and not _lock_is_free(lock):
+                continue  # a get holds it right now (and may be resuming this very partial)
             self.leftover(what, path, f"{human(os.path.getsize(path))}, {age / 3600:.1f} h old",
                           lambda path=path: _unlink(path))
 
@@ -234,8 +235,33 @@ class Fsck:
         except ImportError:  # pragma: no cover - the module ships with the package
             return
         for run in find_abandoned(self.runs_dir):
+            folder = run.get("path") or os.path.join(self.runs_dir, ".staging", run["run_id"])
+            if _newest_mtime_age(folder) < self.grace:  # a kill a minute ago: its owner may want it
+                continue
             self.leftover("abandoned-run", run.get("path", run["run_id"]), f"run {run['run_id']} whose process is gone",
                           lambda run_id=run["run_id"]: remove_abandoned(self.runs_dir, run_id))
+
+
+def _entry_lock(path: str) -> str | None:
+    """The lock of the cache entry a temporary or partial download belongs to."""
+    name = os.path.basename(path)
+    if name.endswith(".partial") and name.startswith("."):  # .<oid>.partial
+        oid = name[1:-len(".partial")]
+        for kind in KINDS.values():
+            if os.path.basename(os.path.dirname(path)) == kind.folder:
+                return os.path.join(os.path.dirname(path), f"{oid}{kind.suffix}.lock")
+    return None  # a .part has a random name: its age is all there is
+
+
+def _newest_mtime_age(folder: str) -> float:
+    newest = 0.0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+            except OSError:
+                continue
+    return time.time() - newest if newest else float("inf")
 
 
 def _unlink(path: str) -> None:

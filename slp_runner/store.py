@@ -84,8 +84,9 @@ def backend_errors(backend: Backend, what: str) -> Iterator[None]:
         raise
     except FileNotFoundError:
         raise
-    except ConnectionError as exc:
-        raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} ({what})") from exc
+    except (ConnectionError, TimeoutError) as exc:
+        how = "timed out" if isinstance(exc, TimeoutError) else "unreachable"
+        raise BackendError(f"{backend.name} backend {how} at {backend.location}{tried(exc)} ({what})") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "connect" in msg.lower() or "endpoint" in msg.lower():

@@ -302,3 +302,14 @@ def test_masking_by_value_keeps_the_config_yaml(env, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load((runs / the_run(runs) / "config.yaml").read_text())
     assert config["cache_dir"] == f"{REDACTED}/cache"
+
+
+def test_a_url_password_never_reaches_an_error_line(env):
+    password = "pw-" + secrets.token_hex(6)
+    unreachable = slp(env, "task=ls", "backend=seaweedfs", f"backend.filer_url=http://u:{password}@127.0.0.1:9",
+                      "backend.retries=0")
+    assert unreachable.returncode == 1 and "u:***@127.0.0.1:9" in unreachable.stderr
+    bad = slp(env, "task=ls", f"backend.filer_url=http://u:{password}@127.0.0.1:9")  # not a key of the local backend
+    assert bad.returncode == 2
+    for proc in (unreachable, bad):
+        assert password not in proc.stderr + proc.stdout

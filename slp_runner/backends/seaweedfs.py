@@ -90,6 +90,10 @@ class SeaweedFSFileSystem(AbstractFileSystem):
                  backoff: float = 0.2, **kwargs):
         super().__init__(**kwargs)
         self.filer_url = filer_url.rstrip("/")
+        # What messages show: a user:password@ in the URL never reaches an error line.
+        from ..redaction import strip_url_password
+
+        self.shown_url = strip_url_password(self.filer_url)
         self.timeout = timeout
         self.retries = max(0, int(retries))
         self.backoff = max(0.0, float(backoff))
@@ -158,7 +162,7 @@ class SeaweedFSFileSystem(AbstractFileSystem):
     def gave_up(self, method: str, where: str, attempts: int, seconds: float, timed_out: bool = False) -> OSError:
         """The one-line error for a request that failed for good."""
         how = "timed out" if timed_out else "unreachable"
-        return FilerUnavailable(f"SeaweedFS filer {how} at {self.filer_url} after {attempts} "
+        return FilerUnavailable(f"SeaweedFS filer {how} at {self.shown_url} after {attempts} "
                                 f"attempt{'s' if attempts != 1 else ''} over {seconds:.1f} s ({method} {where})",
                                 attempts, seconds)
 
@@ -456,7 +460,7 @@ class _ResponseStream(io.RawIOBase):
             self._drop_response()
             timed_out = isinstance(exc, (ReadTimeoutError, TimeoutError))
             err, how = (TimeoutError, "went silent") if timed_out else (ConnectionError, "dropped the connection")
-            raise err(f"SeaweedFS filer at {self._fs.filer_url} {how} at byte {self._pos} "
+            raise err(f"SeaweedFS filer at {self._fs.shown_url} {how} at byte {self._pos} "
                       f"(GET /{self._fs._strip_protocol(self._path)})") from exc
         self._pos += len(data)
         return data

@@ -61,6 +61,8 @@ def _probe(folder: str) -> tuple[str, dict, int | None]:
         fd = os.open(path, os.O_RDWR)  # NFS grants an exclusive lock only to a writer
     except FileNotFoundError:
         return GONE, owner, None
+    except OSError as exc:  # another user's run, a read-only mount: cannot prove anything
+        return "unknown", {**owner, "reason": f"owner record not writable ({exc.strerror})"}, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
