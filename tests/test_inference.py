@@ -32,11 +32,14 @@ def llama_servers():
 
 
 @pytest.fixture(autouse=True)
-def no_server_left_behind():
+def no_server_left_behind(tmp_path_factory):
+    # Only this session's servers (their model sits under its temporary folders): another
+    # test run on the same machine may have its own llama-server up meanwhile.
+    ours = str(tmp_path_factory.getbasetemp())
     before = {p.pid for p in llama_servers()}
     yield
     time.sleep(0.2)
-    left = [p for p in llama_servers() if p.pid not in before]
+    left = [p for p in llama_servers() if p.pid not in before and ours in " ".join(p.info["cmdline"] or [])]
     assert not left, f"llama-server left running: {[p.pid for p in left]}"
 
 
