@@ -147,7 +147,9 @@ class Redactor:
             options = getattr(self._fs, "storage_options", None) or {}
             found += values_under_secret_names(options) + url_passwords(options)
         # Whatever the backend: a stage may reach S3 on its own, and print what it used.
-        found += aws_credentials()
+        # Asked only where botocore could find any (importing it costs ~0.3 s).
+        if any(k.startswith("AWS_") for k in self._environ) or os.path.exists(os.path.expanduser("~/.aws")):
+            found += aws_credentials()
         out = {s for s in found if len(s) >= MIN_SECRET_LEN and s != REDACTED}
         # As a JSON string holds it, should a secret contain a quote or a backslash.
         out |= {j for j in (json.dumps(s)[1:-1] for s in out) if len(j) >= MIN_SECRET_LEN}
