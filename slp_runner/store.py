@@ -195,7 +195,10 @@ class ArtifactStore:
 
         with backend_errors(self.backend, f"storing {final}"):
             self.backend.ensure_writable()
-            present, damage = self._check_existing(final, digest, verify_existing or self.verify_existing)
+            how = verify_existing or self.verify_existing
+            if how not in EXISTING_CHECKS:  # the constructor checked the default; this is a per-call choice
+                raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")
+            present, damage = self._check_existing(final, digest, how)
             if not present and self._sound_manifest_or_none(kind, oid) is not None:
                 damage = "the object was missing, its manifest was not"
             if present and damage is None:
@@ -226,8 +229,6 @@ class ArtifactStore:
     def _check_existing(self, final: str, digest: FileDigest, how: str) -> tuple[bool, str | None]:
         """``(present, damage)`` for the object at ``final``: damage is None when it is
         sound by the chosen check, else a one-line reason."""
-        if how not in EXISTING_CHECKS:
-            raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")
         try:
             info = self.fs.info(final)
         except FileNotFoundError:

@@ -26,6 +26,7 @@ from slp_runner.hashing import hash_file
 from slp_runner.store import INCOMING, ArtifactStore
 
 from seaweed_cluster import SeaweedCluster, default_signals
+from test_faults_network import write_blob
 
 MiB = 1024 * 1024
 SIZE = 128 * MiB
@@ -52,14 +53,6 @@ def volume_up(cluster):
 @pytest.fixture
 def root():
     return f"t-{uuid.uuid4().hex[:12]}"
-
-
-def write_blob(path, size: int) -> str:
-    block = os.urandom(MiB)
-    with open(path, "wb") as f:
-        for i in range(size // MiB):
-            f.write(block[i % 251 :] + block[: i % 251])  # distinct blocks, cheap to make
-    return str(path)
 
 
 def wait_for(ready, timeout: float, what: str) -> None:

@@ -6,10 +6,10 @@ import os
 import signal
 import sys
 import time
-
-import yaml
 from dataclasses import dataclass
 from typing import Any, TextIO
+
+import yaml
 
 from ..cache import LocalCache
 from ..errors import RunFailed
