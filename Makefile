@@ -24,7 +24,7 @@ help:
 	@echo "make test          set up, then run the test suite (starts its own SeaweedFS)"
 	@echo "make seaweed-up    start SeaweedFS (master, volume, filer :8888, S3 :8333) on loopback; seaweed-down stops it"
 	@echo "make seaweed-env   print the export lines that point a shell at it: eval \"\$$(make seaweed-env)\""
-	@echo "make put-model MODEL=path.gguf [NAME=..] [BACKEND=local|seaweedfs|s3]"
+	@echo "make put-model MODEL=path.gguf [NAME=..] [TAG=..] [BACKEND=local|seaweedfs|s3]"
 	@echo "make get-model HASH=<blake3> [OUT=path] [BACKEND=..]"
 	@echo "make put-prompts PROMPTS=path.jsonl [BACKEND=..]"
 	@echo "make bench         the default benchmark sweep (backends x sizes x ops, with references) -> runs/bench-*/"
@@ -67,7 +67,7 @@ llama-client: install
 	$(SLP) pipeline=llama_client engine=external engine.url=$(URL) prompts.path=$(PROMPTS) backend=$(BACKEND)
 
 put-model: install
-	$(SLP) task=put_model model.path=$(MODEL) $(if $(NAME),model.name=$(NAME)) backend=$(BACKEND)
+	$(SLP) task=put_model model.path=$(MODEL) $(if $(NAME),model.name=$(NAME)) $(if $(TAG),model.tag=$(TAG)) backend=$(BACKEND)
 
 get-model: install
 	$(SLP) task=get_model hash=$(HASH) $(if $(OUT),out=$(OUT)) backend=$(BACKEND)

@@ -15,215 +15,27 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
 
 import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from . import commands
-from .artifacts import MODEL, PROMPTS, RESULTS, KINDS, kind_named
-from .backends import Backend
-from .cache import LocalCache
 from .errors import ConfigError, SlpError
 from .examples import register_resolvers
-from .bench import sweep
-from .pipeline import from_config
-from .pipeline.history import list_runs, load_manifest, verify_run
-from .store import ArtifactStore
+from .schema import register as register_schema
+from .tasks import TASKS, build_store, multirun_job_dir, run_task  # noqa: F401  (build_store: tests, scripts)
 
 register_resolvers()
+register_schema()
 
 # The configs ship inside the package; users add their own folders with hydra.searchpath.
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
-def build_backend(cfg: DictConfig) -> Backend:
-    if "_target_" not in cfg.backend:
-        raise ConfigError("backend config has no _target_")
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(cfg.backend, _convert_="all")
-    except InstantiationException as exc:
-        if isinstance(exc.__cause__, SlpError):  # the factory's own one-line error (a missing extra, ...)
-            raise exc.__cause__ from None
-        # Hydra's message spans several lines (and may hold the config): keep its first,
-        # which names the target and the error.
-        cause = exc.__cause__
-        reason = f"{type(cause).__name__}: {cause}" if cause else str(exc).strip().splitlines()[0]
-        raise ConfigError(f"backend._target_ {cfg.backend._target_!r}: {reason.splitlines()[0]}") from None
-
-
-def build_store(cfg: DictConfig) -> ArtifactStore:
-    return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing)
-
-
-def _provenance(cfg: DictConfig) -> dict[str, Any]:
-    prov = cfg.get("provenance") or {}
-    return OmegaConf.to_container(prov, resolve=True) if isinstance(prov, DictConfig) else dict(prov)
-
-
-def _need(value: Any, what: str) -> Any:
-    if value in (None, ""):
-        raise ConfigError(f"missing {what}")
-    return value
-
-
-def _put(kind_cfg_key: str | None, kind_fixed=None) -> Callable[[DictConfig], Any]:
-    def run(cfg: DictConfig):
-        store = build_store(cfg)
-        if kind_fixed is not None:
-            section = cfg[kind_cfg_key]
-            path = _need(section.path, f"{kind_cfg_key}.path=<file>")
-            return commands.put(store, kind_fixed, path, name=section.get("name"), source=section.get("source"),
-                                provenance=_provenance(cfg), sha256=cfg.sha256, progress=cfg.progress)
-        kind = kind_named(_need(cfg.kind, "kind=<" + "|".join(KINDS) + ">"))
-        path = _need(cfg.path, "path=<file>")
-        return commands.put(store, kind, path, provenance=_provenance(cfg), sha256=cfg.sha256, progress=cfg.progress)
-
-    return run
-
-
-def _get(kind_fixed=None) -> Callable[[DictConfig], Any]:
-    def run(cfg: DictConfig):
-        oid = _need(cfg.hash, "hash=<blake3>")
-        kind = kind_fixed or (kind_named(cfg.kind) if cfg.kind else None)
-        return commands.get(build_store(cfg), LocalCache(cfg.cache_dir), kind, str(oid), dest=cfg.out,
-                            full_verify=cfg.full_verify, progress=cfg.progress)
-
-    return run
-
-
-def _repair(cfg: DictConfig):
-    kind = kind_named(cfg.kind) if cfg.kind else None
-    return commands.repair(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>")),
-                           _need(cfg.path, "path=<local file with the right bytes>"), progress=cfg.progress)
-
-
-def _fsck(cfg: DictConfig):
-    from . import fsck
-
-    findings = fsck.fsck(build_store(cfg), LocalCache(cfg.cache_dir), cfg.runner.runs_dir, fix=bool(cfg.fix),
-                         grace=fsck.parse_grace(cfg.grace), sample=float(cfg.sample))
-    if fsck.damage_remains(findings):
-        raise SystemExit(1)
-    return findings
-
-
-def _show(cfg: DictConfig):
-    kind = kind_named(cfg.kind) if cfg.kind else None
-    return commands.show(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>")))
-
-
-def _verify(cfg: DictConfig):
-    kind = kind_named(cfg.kind) if cfg.kind else None
-    if not commands.verify(build_store(cfg), kind, str(_need(cfg.hash, "hash=<blake3>"))):
-        raise SystemExit(1)
-
-
-def _ls(cfg: DictConfig):
-    kinds = [kind_named(cfg.kind)] if cfg.kind else [MODEL, PROMPTS, RESULTS]
-    return commands.list_artifacts(build_store(cfg), kinds)
-
-
-def _overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # composed without Hydra's main (tests)
-        return []
-
-
-def _multirun_job_dir() -> str | None:
-    """This job's folder when running under ``-m`` (a sweep), else None."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        hc = HydraConfig.get()
-    except ValueError:
-        return None
-    return hc.runtime.output_dir if hc.mode == RunMode.MULTIRUN else None
-
-
-def _run(cfg: DictConfig):
-    job_dir = _multirun_job_dir()
-    if job_dir and cfg.resume:
-        done = sweep.completed_result(job_dir)
-        if done:
-            print(f"job {os.path.basename(job_dir)} already completed (run {done.get('run_id')}): skipped")
-            return done
-    store = build_store(cfg)
-    result = from_config.run_pipeline(cfg, store, LocalCache(cfg.cache_dir), _overrides())
-    if job_dir:
-        sweep.write_job_result(job_dir, {"status": result.status, "run_id": result.run_id, "folder": result.folder,
-                                         "overrides": _overrides(), "stages": result.manifest["stages"]},
-                                 from_config.redactor(cfg, store))
-    return result
-
-
-def _reproduce(cfg: DictConfig):
-    run_id = str(_need(cfg.run, "run=<run_id>"))
-    _, comparison = from_config.reproduce(cfg, build_store(cfg), LocalCache(cfg.cache_dir), run_id)
-    if not all(comparison.values()):
-        raise SystemExit(1)
-    return comparison
-
-
-def _verify_run(cfg: DictConfig):
-    store = build_store(cfg)
-    manifest = load_manifest(str(_need(cfg.run, "run=<run_id>")), cfg.runner.runs_dir, store)
-    problems = verify_run(manifest, store, LocalCache(cfg.cache_dir))
-    if problems:
-        raise SystemExit(1)
-    return problems
-
-
-def _runs(cfg: DictConfig):
-    """List runs; op=finalize | clean settles the abandoned ones (all, or run=<id>)."""
-    op = cfg.get("op")
-    if not op:
-        return list_runs(cfg.runner.runs_dir)
-    from .pipeline.abandoned import settle_abandoned
-
-    run_id = str(cfg.run) if cfg.get("run") else None
-    return settle_abandoned(cfg.runner.runs_dir, str(op), run_id, redactor=from_config.redactor(cfg))
-
-
-TASKS: dict[str, Callable[[DictConfig], Any]] = {
-    "run": _run,
-    "reproduce": _reproduce,
-    "verify_run": _verify_run,
-    "runs": _runs,
-    "put_model": _put("model", MODEL),
-    "get_model": _get(MODEL),
-    "put_prompts": _put("prompts", PROMPTS),
-    "get_prompts": _get(PROMPTS),
-    "put": _put(None),
-    "get": _get(),
-    "show": _show,
-    "verify": _verify,
-    "repair": _repair,
-    "fsck": _fsck,
-    "ls": _ls,
-}
-
-
-def run_task(cfg: DictConfig) -> Any:
-    """Run the task a composed config names (callable from tests without Hydra's main)."""
-    task = cfg.get("task") or ("run" if cfg.get("pipeline") else None)
-    if not task:
-        raise ConfigError(f"no task given: add task=<{'|'.join(TASKS)}>")
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    return TASKS[task](cfg)
-
-
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     from omegaconf.errors import OmegaConfBaseException
+
+    from .pipeline import from_config
 
     try:
         run_task(cfg)
@@ -232,9 +44,12 @@ def _hydra_main(cfg: DictConfig) -> None:
             raise
         message = from_config.redactor(cfg).text(user_error_line(exc))
         print(f"slp: error: {message}", file=sys.stderr)
-        job_dir = _multirun_job_dir()
+        job_dir = multirun_job_dir()
         if job_dir:  # one failed job of a sweep: record it, let the others run
-            sweep.write_job_result(job_dir, {"status": "failed", "error": message, "overrides": _overrides()},
+            from .bench import sweep
+            from .tasks import job_overrides
+
+            sweep.write_job_result(job_dir, {"status": "failed", "error": message, "overrides": job_overrides()},
                                    from_config.redactor(cfg))
             return
         raise SystemExit(1) from None
@@ -331,7 +146,8 @@ _TRACE = False  # SLP_TRACE=1 or HYDRA_FULL_ERROR=1: errors show their traceback
 
 # Keys whose values are always strings, however they look: a BLAKE3 hash such as
 # 1e22...  would otherwise reach the code as the float inf, and 0123... as an int.
-STRING_KEYS = {"hash", "model.hash", "prompts.hash", "run", "path", "model.path", "prompts.path", "out",
+STRING_KEYS = {"hash", "model.hash", "prompts.hash", "run", "other", "path", "model.path", "prompts.path", "out",
+               "name", "tag", "model.tag", "prompts.tag",
                "model.name", "prompts.name", "cache_dir", "backend.root", "backend.bucket", "backend.key",
                "backend.secret", "backend.filer_url", "backend.endpoint_url"}
 
@@ -383,12 +199,58 @@ def hydra_error_line(exc: BaseException) -> str:
     return line
 
 
+def answer_without_hydra(argv: list[str]) -> str | None:
+    """``--version``, ``--help`` (of slp, a task or a pipeline) and ``--completion``:
+    the text to print, or None when Hydra is to run. ``--hydra-help`` is Hydra's."""
+    from . import cli_help
+
+    if "--version" in argv or "-V" in argv:
+        return cli_help.version_line() + "\n"
+    if "--completion" in argv:
+        at = argv.index("--completion")
+        shell = argv[at + 1] if at + 1 < len(argv) else "bash"
+        return cli_help.completion_script(shell)
+    if "--help" in argv or "-h" in argv:
+        task, pipeline = cli_help.chosen(argv, "task"), cli_help.chosen(argv, "pipeline")
+        if task:
+            return cli_help.task_help(task, argv)
+        if pipeline:
+            return cli_help.pipeline_help(pipeline, _search_dirs(argv))
+        return cli_help.main_help()
+    return None
+
+
+def composition_error_line(exc: BaseException, argv: list[str]) -> str:
+    """Hydra's error as one line; a misspelt key names the closest valid ones."""
+    import re
+
+    unknown = re.search(r"Could not override '([^']+)'", str(exc))
+    if unknown and re.search(r"not in (struct|')", f"{exc} {exc.__cause__}"):
+        from .cli_help import suggest_key
+
+        return suggest_key(unknown.group(1), argv)
+    typed = re.search(r"Error merging override ([^=\s]+)=.*?Value '(.*)' of type '\w+' could not be converted to "
+                      r"(Integer|Boolean|Float)", f"{exc} {exc.__cause__}", re.S)
+    typed = typed or re.search(r"Error merging override ([^=\s]+)=.*?Value '(.*)' is not a valid (bool)",
+                               f"{exc} {exc.__cause__}", re.S)
+    if typed:
+        key, value, wanted = typed.groups()
+        wanted = "Boolean" if wanted == "bool" else wanted
+        what = {"Integer": "a whole number", "Boolean": "true or false (yes/no, on/off)", "Float": "a number"}[wanted]
+        return f"{key} must be {what}, got {value!r}"
+    return hydra_error_line(exc)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
+        text = answer_without_hydra(argv)
+        if text is not None:
+            sys.stdout.write(text)
+            return
         check_group_choices(argv)
-    except SlpError as exc:
-        print(f"slp: error: {exc}", file=sys.stderr)
+    except (SlpError, KeyError) as exc:
+        print(f"slp: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         raise SystemExit(2) from None
     sys.argv[1:] = quote_string_values(argv)
     from hydra.errors import HydraException
@@ -405,7 +267,7 @@ def main() -> None:
     except (HydraException, OmegaConfBaseException) as exc:
         if wants_trace:
             raise
-        print(f"slp: error: {_mask_argv_secrets(hydra_error_line(exc), argv)}", file=sys.stderr)
+        print(f"slp: error: {_mask_argv_secrets(composition_error_line(exc, argv), argv)}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as exc:  # this machine's files: a full disk, a folder that cannot be made
         if wants_trace:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
 from fsspec.callbacks import DEFAULT_CALLBACK, TqdmCallback
@@ -21,7 +22,7 @@ from .cache import CacheGet, LocalCache
 from .errors import ArtifactNotFound, InputError
 from .hashing import validate_oid
 from .local_output import ensure_room, local_write
-from .store import ArtifactStore, PutResult
+from .store import ArtifactStore, ObjectCheck, PutResult
 
 MiB = 1024 * 1024
 PROGRESS_MIN_BYTES = 16 * MiB
@@ -49,8 +50,11 @@ def put(
     progress: bool | str = "auto",
     verify_existing: str | None = None,
     expect_oid: str | None = None,
+    tag: str | None = None,
     out: TextIO = sys.stdout,
 ) -> PutResult:
+    """Store ``path``; with a ``name``, also point ``name:tag`` at it (see :mod:`.refs`).
+    The last line says what happened, machine-readably."""
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
     size = os.path.getsize(path) if os.path.isfile(path) else None
     say(f"Uploading {kind.name}: {os.path.basename(path)}")
@@ -65,6 +69,11 @@ def put(
     if result.sha256:
         say(f"SHA256: {result.sha256}")
     label = name or os.path.basename(path)
+    if name:
+        from .refs import write_ref
+
+        ref = write_ref(store, name, tag, result.kind, result.oid, result.size)
+        result.ref = label = f"{ref['name']}:{ref['tag']}"
     # result.size is the stored object's size too: a put only deduplicates against
     # an object whose size (or hash) it has just checked.
     if not result.uploaded:
@@ -104,6 +113,19 @@ def repair(store: ArtifactStore, kind: ArtifactKind | None, oid: str, path: str,
     return result
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """What a get gave: the cache's answer, the kind, and where the bytes are for the user."""
+
+    kind: ArtifactKind
+    cached: CacheGet
+    path: str  # ``dest`` when one was given, else the cache entry
+
+    @property
+    def size(self) -> int:
+        return self.cached.size
+
+
 def get(
     store: ArtifactStore,
     cache: LocalCache,
@@ -114,7 +136,7 @@ def get(
     full_verify: bool = False,
     progress: bool | str = "auto",
     out: TextIO = sys.stdout,
-) -> CacheGet:
+) -> Fetched:
     """Fetch ``oid`` through the verified cache; copy it to ``dest`` if given."""
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
     validate_oid(oid)
@@ -138,7 +160,7 @@ def get(
         path = materialize(got.path, dest)
         say(f"Wrote {path}")
     say(f"{'cached' if got.cache_hit else 'fetched'} {kind.name} hash={oid} size={got.size} path={path}")
-    return got
+    return Fetched(kind, got, path)
 
 
 def materialize(cached: str, dest: str) -> str:
@@ -183,18 +205,54 @@ def show(store: ArtifactStore, kind: ArtifactKind | None, oid: str, out: TextIO 
     return manifest
 
 
-def verify(store: ArtifactStore, kind: ArtifactKind | None, oid: str, out: TextIO = sys.stdout) -> bool:
+def verify(store: ArtifactStore, kind: ArtifactKind | None, oid: str, out: TextIO = sys.stdout) -> ObjectCheck:
     validate_oid(oid)
     kind = kind or store.find_kind(oid)
     check = store.verify(kind, oid)
     print(f"{'OK' if check.ok else 'FAILED'} {kind.name} {oid} {check.detail}", file=out)
-    return check.ok
+    return check
 
 
-def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], out: TextIO = sys.stdout) -> list[dict]:
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB', as ls -h and ollama list show sizes."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], *, name: str | None = None,
+                   out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Every stored object of ``kinds``, newest first, with its names (``name:tag``);
+    ``name`` keeps only the objects carrying that name. One listing per kind, one of
+    ``refs/``, and one small read per ref: no manifest is read."""
+    from .refs import all_refs, parse_name
+
+    if name is not None:
+        name = parse_name(name)[0]
+    names: dict[str, list[str]] = {}
+    for ref in all_refs(store):
+        if name is None or ref["name"] == name:
+            names.setdefault(ref["hash"], []).append(f"{ref['name']}:{ref['tag']}")
     rows = []
     for kind in kinds:
         for obj in store.list(kind):
-            rows.append({"kind": kind.name, **obj})
-            print(f"{kind.name:8} {obj['oid']} {obj['size']:>14}", file=out)
-    return rows
+            tagged = names.get(obj["oid"], [])
+            if name is None or tagged:
+                rows.append({"kind": kind.name, "hash": obj["oid"], "size": obj["size"],
+                             "modified": obj["modified"], "names": tagged})
+    rows.sort(key=lambda r: (r["modified"] or "", r["hash"]), reverse=True)
+    total = sum(r["size"] for r in rows)
+    if rows:
+        width = max(4, *(len(", ".join(r["names"])) for r in rows))
+        print(f"{'KIND':8} {'HASH':12}  {'NAME':{width}}  {'SIZE':>10}  MODIFIED (UTC)", file=out)
+        for r in rows:
+            when = (r["modified"] or "-").replace("T", " ")[:16]
+            print(f"{r['kind']:8} {r['hash'][:12]}  {', '.join(r['names']) or '-':{width}}  "
+                  f"{human_size(r['size']):>10}  {when}", file=out)
+    what = f"named {name}" if name else "in " + ", ".join(k.folder for k in kinds)
+    print(f"{len(rows)} artifact{'s' if len(rows) != 1 else ''} {what}, {human_size(total)} "
+          f"({store.backend.name} backend at {store.backend.location})", file=out)
+    return {"artifacts": rows, "count": len(rows), "total_size": total, "backend": store.backend.name}

@@ -10,6 +10,7 @@ What it looks at, on any backend:
   the grace period;
 - manifests whose object is gone (removed with ``fix``) and objects without a manifest
   (with ``fix``, re-hashed and given a manifest rebuilt from the object);
+- names (``refs/``) that are damaged (removed with ``fix``) or name an object not stored;
 - runs whose process died (abandoned staging folders; removed with ``fix``);
 - with ``sample=F``, the bytes of a random fraction F of the stored objects, re-hashed
   (as restic's ``check --read-data-subset``): damage is reported, never "fixed" here
@@ -98,6 +99,7 @@ class Fsck:
         self.fs = store.fs
         self.fix, self.grace, self.sample, self.out = fix, grace, sample, out
         self.findings: list[Finding] = []
+        self.stored: set[tuple[str, str]] = set()  # (kind, oid) of every stored object
 
     def report(self, finding: Finding) -> None:
         self.findings.append(finding)
@@ -117,6 +119,7 @@ class Fsck:
             self.incoming()
             self.multipart_uploads()
             self.objects_and_manifests()
+            self.names()
         self.cache_leftovers()
         self.abandoned_runs()
         damage = sum(1 for f in self.findings if f.kind == "damage" and not f.fixed)
@@ -161,6 +164,7 @@ class Fsck:
             for oid, entry in sorted(manifests_.items()):
                 if oid not in objects:
                     self.orphan_manifest(kind, oid, entry)
+            self.stored.update((kind.name, oid) for oid in objects)
             for oid, entry in sorted(objects.items()):
                 if oid not in manifests_:
                     self.orphan_object(kind, oid, entry)
@@ -173,6 +177,34 @@ class Fsck:
                 if not check.ok:
                     self.report(Finding("damage", "corrupt-object", self.store.object_path(kind, oid), check.detail))
             print(f"re-hashed {count} of {len(sampled)} objects (sample={self.sample})", file=self.out)
+
+    def names(self) -> None:
+        """Refs (``refs/<name>/<tag>.json``) that cannot be read, or name an object that
+        is not stored. A ref is published whole, so a damaged one is damage, not a put
+        in flight: with ``fix`` it is removed (the object stays, by hash). A ref to a
+        lost object is left for ``task=repair`` or ``task=untag`` to settle."""
+        from .refs import REFS, load_ref
+        from .errors import IntegrityError
+
+        root = self.store.backend.path(REFS)
+        if not self.fs.exists(root):
+            return
+        for path in sorted(p for p in self.fs.find(root) if p.endswith(".json")):
+            try:
+                record = load_ref(self.fs.cat_file(path), path)
+            except FileNotFoundError:  # untagged meanwhile
+                continue
+            except IntegrityError:
+                finding = Finding("damage", "damaged-ref", path, "not a readable ref (fix=true removes it)")
+                if self.fix:
+                    self.fs.rm(path)
+                    finding.fixed, finding.detail = True, "not a readable ref: removed"
+                self.report(finding)
+                continue
+            if (record["kind"], record["hash"]) not in self.stored:
+                self.report(Finding("damage", "dangling-ref", path,
+                                    f"{record['name']}:{record['tag']} names {record['kind']} {record['hash']}, which "
+                                    f"is not stored (task=repair hash={record['hash'][:12]} path=..., or task=untag)"))
 
     def orphan_manifest(self, kind: ArtifactKind, oid: str, entry: dict) -> None:
         if _age(self.fs, entry["name"], entry) < self.grace:

@@ -25,7 +25,7 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
-    """count, mean, stdev, min, p50, p95, p99, max."""
+    """count, mean, stdev, min, p5, p50, p95, p99, max."""
     xs = list(values)
     if not xs:
         return {"count": 0}
@@ -34,6 +34,7 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
         "mean": statistics.fmean(xs),
         "stdev": statistics.stdev(xs) if len(xs) > 1 else 0.0,
         "min": min(xs),
+        "p5": percentile(xs, 5),  # the low end of the p5-p95 band the sweep plot draws
         "p50": percentile(xs, 50),
         "p95": percentile(xs, 95),
         "p99": percentile(xs, 99),

@@ -49,6 +49,7 @@ class PutResult:
     sha256: str | None = None
     repaired: str | None = None  # why a damaged stored object was replaced (None: it was not)
     manifest_rewritten: bool = False  # deduplicated, but the manifest was missing or damaged
+    ref: str | None = None  # name:tag the put was given (written by commands.put, not the store)
 
     @property
     def mib_per_s(self) -> float:
@@ -447,7 +448,8 @@ class ArtifactStore:
         return ObjectCheck(kind, oid, True, "ok", got.size)
 
     def list(self, kind: ArtifactKind) -> list[dict[str, Any]]:
-        """Objects of a kind: ``{"oid", "size"}`` per stored object."""
+        """Objects of a kind: ``{"oid", "size", "modified"}`` per stored object (modified:
+        ISO 8601 UTC, from the listing itself, None where the backend gives no time)."""
         folder = self.backend.path(kind.folder)
         with backend_errors(self.backend, f"listing {folder}"):
             try:
@@ -458,5 +460,25 @@ class ArtifactStore:
         for e in entries:
             base = e["name"].rstrip("/").rsplit("/", 1)[-1]
             if base.endswith(kind.suffix) and not base.endswith(".manifest.json"):
-                out.append({"oid": base[: -len(kind.suffix)], "size": e.get("size", 0)})
+                out.append({"oid": base[: -len(kind.suffix)], "size": e.get("size", 0), "modified": _modified(e)})
         return sorted(out, key=lambda d: d["oid"])
+
+
+def _modified(entry: dict[str, Any]) -> str | None:
+    """An fsspec listing entry's modification time, whichever way the backend spells it."""
+    from datetime import datetime, timezone
+
+    value = entry.get("LastModified") or entry.get("mtime")  # s3fs | local, filer
+    try:
+        if isinstance(value, (int, float)):
+            when = datetime.fromtimestamp(value, timezone.utc)
+        elif isinstance(value, datetime):
+            when = value
+        elif isinstance(value, str):
+            when = datetime.fromisoformat(value)
+        else:
+            return None
+    except ValueError:
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

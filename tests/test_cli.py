@@ -68,8 +68,9 @@ def test_s3_credentials_never_printed(env, seaweed, small_file):
 
 
 BAD_INPUTS = [
-    (["task=get_model", "hash=../../etc/passwd"], r"invalid hash '../../etc/passwd'"),
-    (["task=get_model", "hash=" + "A" * 64], "invalid hash"),
+    (["task=get_model", "hash=../../etc/passwd"], r"invalid reference '../../etc/passwd'"),
+    (["task=get_model", "hash=" + "A" * 64], "no model with hash " + "a" * 64),  # hex in capitals: the same hash
+    (["task=get_model", "hash=abc"], "no artifact named abc (a hash prefix needs at least 8 hex digits)"),
     (["task=put_model", "model.path=/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file"),
     (["task=put_model", "model.path={notgguf}"], "fake.gguf: not a GGUF file"),
     (["task=put_prompts", "prompts.path={broken}"], r"broken.jsonl:3: invalid JSON"),

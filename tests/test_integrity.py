@@ -247,7 +247,7 @@ MALFORMED = [
     (["task=ls", "backend._target_=nope.missing_backend"], "backend._target_ 'nope.missing_backend'"),
     (["task=get", f"hash={FLOATY_HASH}"], f"no artifact with hash {FLOATY_HASH}"),
     (["task=get", "hash=" + "0" * 63 + "1", "kind=blob"], "no blob with hash " + "0" * 63 + "1"),
-    (["task=get", "hash=12345678"], "invalid hash '12345678'"),
+    (["task=get", "hash=12345678"], "no artifact whose hash starts with 12345678"),  # a prefix, not the int
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any, TextIO
 
@@ -9,6 +10,7 @@ import orjson
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ..artifacts import MODEL, PROMPTS
 from ..cache import LocalCache
 from ..errors import ConfigError
 from ..redaction import REDACTED, Redactor, mask_names
@@ -16,6 +18,8 @@ from ..store import ArtifactStore
 from .history import compare_runs, load_manifest, load_run_file
 from .run import RunResult, execute
 from .spec import Pipeline, build_pipeline
+
+FULL_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def pipeline_from_config(cfg: DictConfig) -> Pipeline:
@@ -49,11 +53,50 @@ def run_options(cfg: DictConfig) -> dict[str, Any]:
     return {"engine": OmegaConf.to_container(engine, resolve=True)} if engine else {}
 
 
+def _stage_kind(stage: DictConfig):
+    from ..artifacts import MODEL, PROMPTS, kind_named
+
+    target = str(stage.get("_target_") or "")
+    if target.endswith(".get_model"):
+        return MODEL
+    if target.endswith(".get_prompts"):
+        return PROMPTS
+    kind = (stage.get("inputs") or {}).get("kind")
+    return kind_named(kind) if isinstance(kind, str) else None
+
+
+def resolve_references(cfg: DictConfig, store: ArtifactStore) -> dict[str, dict]:
+    """Turn each name or short hash the config gives (model.hash, prompts.hash, a
+    stage's literal ``hash`` input) into the full hash, in the config itself: the
+    saved config.yaml, the stage-cache keys and a later reproduction all see the hash,
+    never a name that may since point elsewhere. Returns what was resolved, by key."""
+    from ..refs import resolve
+
+    found: dict[str, dict] = {}
+
+    def settle(key: str, kind) -> None:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value and not value.startswith("@") and not FULL_HASH.fullmatch(value):
+            ref = resolve(store, value, kind)
+            OmegaConf.update(cfg, key, ref.oid, merge=False)
+            found[key] = ref.as_dict()
+
+    settle("model.hash", MODEL)
+    settle("prompts.hash", PROMPTS)
+    stages = cfg.pipeline.get("stages") if cfg.get("pipeline") else None
+    for name in stages or {}:
+        inputs = stages[name].get("inputs")
+        if isinstance(inputs, DictConfig) and "hash" in inputs and not OmegaConf.is_interpolation(inputs, "hash"):
+            settle(f"pipeline.stages.{name}.inputs.hash", _stage_kind(stages[name]))
+    return found
+
+
 def run_pipeline(cfg: DictConfig, store: ArtifactStore, cache: LocalCache, overrides: list[str],
                  *, force: bool | None = None, reproduces: str | None = None, out: TextIO = sys.stdout) -> RunResult:
     runner = cfg.runner
+    references = resolve_references(cfg, store)
     return execute(
-        pipeline_from_config(cfg), store, cache,
+        pipeline_from_config(cfg), store, cache, references=references,
         config_yaml=redacted_yaml(cfg), overrides=overrides, runs_dir=runner.runs_dir,
         workers=runner.workers, force=runner.force if force is None else force, upload=runner.upload,
         options=run_options(cfg), reproduces=reproduces, redactor=redactor(cfg, store), out=out,

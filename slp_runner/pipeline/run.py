@@ -56,6 +56,7 @@ def execute(
     upload: bool = True,
     options: dict | None = None,
     reproduces: str | None = None,
+    references: dict[str, dict] | None = None,
     redactor: Redactor | None = None,
     out: TextIO = sys.stdout,
 ) -> RunResult:
@@ -108,6 +109,8 @@ def execute(
         manifest["signal"] = signal.Signals(getattr(interrupted, "signum", signal.SIGINT)).name
     if reproduces:
         manifest["reproduces"] = reproduces
+    if references:  # names and short hashes the config gave, and the full hash each was run with
+        manifest["references"] = references
     manifest = redactor.tree(manifest, names=False)  # stage errors, inputs, outputs, metrics
     folder.write_json("metrics.json", {name: st["metrics"] for name, st in manifest["stages"].items()})
     folder.write_json("manifest.json", manifest)

@@ -23,9 +23,17 @@ def _kind(kind: str | ArtifactKind | None) -> ArtifactKind | None:
 
 
 def put_artifact(ctx: StageContext, path: str, kind: str = "blob", name: str | None = None,
-                 provenance: dict | None = None) -> dict:
-    """Store a local file; outputs ``artifact``."""
+                 provenance: dict | None = None, tag: str | None = None) -> dict:
+    """Store a local file, named ``name[:tag]`` if a name is given; outputs ``artifact``."""
+    from ..refs import parse_name, write_ref
+
+    if name:
+        name, inline_tag = parse_name(f"{name}:{tag}" if tag and ":" not in str(name) else str(name))
+        tag = inline_tag
     result = ctx.store.put(path, _kind(kind), name=name, provenance=provenance, tool=f"slp stage {ctx.name}")
+    if name:
+        ref = write_ref(ctx.store, name, tag, result.kind, result.oid, result.size)
+        ctx.metrics["ref"] = f"{ref['name']}:{ref['tag']}"
     ctx.metrics.update(uploaded=result.uploaded, size_bytes=result.size, upload_seconds=round(result.seconds, 4),
                        hash_seconds=round(result.hash_seconds, 4), verification=result.verification)
     if result.uploaded:
@@ -34,14 +42,16 @@ def put_artifact(ctx: StageContext, path: str, kind: str = "blob", name: str | N
     return {"artifact": ArtifactRef(result.kind, result.oid, result.size)}
 
 
-def put_model(ctx: StageContext, path: str, name: str | None = None, provenance: dict | None = None) -> dict:
+def put_model(ctx: StageContext, path: str, name: str | None = None, provenance: dict | None = None,
+              tag: str | None = None) -> dict:
     """slp_put_model: outputs ``model``."""
-    return {"model": put_artifact(ctx, path, MODEL, name, provenance)["artifact"]}
+    return {"model": put_artifact(ctx, path, MODEL, name, provenance, tag)["artifact"]}
 
 
-def put_prompts(ctx: StageContext, path: str, name: str | None = None, provenance: dict | None = None) -> dict:
+def put_prompts(ctx: StageContext, path: str, name: str | None = None, provenance: dict | None = None,
+                tag: str | None = None) -> dict:
     """slp_put_prompts: outputs ``prompts``."""
-    return {"prompts": put_artifact(ctx, path, PROMPTS, name, provenance)["artifact"]}
+    return {"prompts": put_artifact(ctx, path, PROMPTS, name, provenance, tag)["artifact"]}
 
 
 def fetch(ctx: StageContext, hash: str | ArtifactRef, kind: str | None = None, full_verify: bool = False) -> dict:
