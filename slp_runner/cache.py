@@ -56,7 +56,8 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from .artifacts import KINDS, ArtifactKind
 from .errors import ArtifactNotFound, IntegrityError, OutputError
 from .hashing import OID_RE, WINDOW, StreamHasher, hash_file, validate_oid
-from .local_output import ensure_room, local_write
+from . import cache_lru
+from .local_output import ensure_room, human, local_write
 from .manifest import utc_now
 from .store import ArtifactStore
 
@@ -79,8 +80,20 @@ class CacheGet:
 
 
 class LocalCache:
-    def __init__(self, root: str):
+    """The cache at ``root``. With ``max_size`` (bytes), each download first makes room
+    and then evicts least recently used entries until the cache fits (see
+    :mod:`.cache_lru`); entries pinned, held by a process, or used by the
+    ``keep_runs`` newest runs in ``runs_dir`` are never evicted."""
+
+    def __init__(self, root: str, *, max_size: int | None = None, runs_dir: str | None = None,
+                 keep_runs: int | None = None):
         self.root = os.path.abspath(os.path.expanduser(root))
+        self.max_size, self.runs_dir, self.keep_runs = max_size, runs_dir, keep_runs
+        self._holds = cache_lru.Holds()
+
+    def release(self) -> None:
+        """Let go of every entry this cache object handed out (they may be evicted again)."""
+        self._holds.release()
 
     def path_for(self, kind: ArtifactKind, oid: str) -> str:
         return os.path.join(self.root, kind.object_name(oid))
@@ -110,15 +123,30 @@ class LocalCache:
         *,
         full_verify: bool = False,
         callback: Callback = DEFAULT_CALLBACK,
+        name: str | None = None,
     ) -> CacheGet:
-        """Return a local, verified copy of ``oid``, downloading it only if needed."""
+        """Return a local, verified copy of ``oid``, downloading it only if needed. The
+        entry stays held (never evicted) until :meth:`release` or this process ends.
+        ``name`` (what the user called it) is kept in the entry's record for listings."""
         validate_oid(oid)
         path = self.path_for(kind, oid)
         t0 = time.perf_counter()
+        if not full_verify and os.path.exists(path):
+            # A hit takes no entry lock: the hold keeps evictions off, the stat check
+            # covers a replace racing it (a mismatch falls through to the locked path).
+            try:
+                self._holds.hold(path)
+                st = os.stat(path)
+            except FileNotFoundError:  # evicted meanwhile: fetched again below
+                st = None
+            if st is not None and self._read_record(path) == _stat_key(st):
+                cache_lru.touch(path)
+                return CacheGet(path, oid, st.st_size, True, "stat", time.perf_counter() - t0)
         size = None
         if not os.path.exists(path):
             # Before anything is created here: a hash nobody has, or one this disk cannot hold.
             size = store.size_of(kind, oid)
+            self._check_cap(kind, oid, size)
             ensure_room(self.root, size, f"{kind.name} {oid}")
         with local_write(self.root, size, f"{kind.name} {oid}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -127,14 +155,30 @@ class LocalCache:
             if os.path.exists(path):
                 how = self._validate(path, oid, full_verify)
                 if how:
+                    self._holds.hold(path)
+                    cache_lru.touch(path)
                     st = os.stat(path)
                     return CacheGet(path, oid, st.st_size, True, how, time.perf_counter() - t0)
                 repaired = True
                 self._evict(path)
             size = store.size_of(kind, oid) if size is None else size
+            self._check_cap(kind, oid, size)
+            if self.max_size is not None:  # room first, so the cap holds during the download too
+                cache_lru.prune(self.root, self.max_size - size, runs_dir=self.runs_dir, keep_runs=self.keep_runs)
             got = self._download(store, kind, oid, path, size, callback)
-            return CacheGet(path, oid, got.size, False, "download", time.perf_counter() - t0, repaired,
-                            got.resumed_from, got.reconnects)
+            self._holds.hold(path)
+            if name:
+                self._write_record(path, os.stat(path), name=name)
+        if self.max_size is not None:
+            cache_lru.prune(self.root, self.max_size, runs_dir=self.runs_dir, keep_runs=self.keep_runs)
+        return CacheGet(path, oid, got.size, False, "download", time.perf_counter() - t0, repaired,
+                        got.resumed_from, got.reconnects)
+
+    def _check_cap(self, kind: ArtifactKind, oid: str, size: int) -> None:
+        if self.max_size is not None and size > self.max_size:
+            raise OutputError(f"{kind.name} {oid} is {size} bytes ({human(size)}), more than the whole cache may "
+                              f"hold (cache.max_size={self.max_size} bytes, {human(self.max_size)}); nothing was "
+                              f"downloaded: raise cache.max_size or give another cache_dir")
 
     def partial_path(self, kind: ArtifactKind, oid: str) -> str:
         """Where an unfinished download of ``oid`` keeps its bytes (only under the lock)."""
@@ -255,9 +299,14 @@ class LocalCache:
         except (FileNotFoundError, orjson.JSONDecodeError):
             return None
 
-    def _write_record(self, path: str, st: os.stat_result) -> None:
+    def _write_record(self, path: str, st: os.stat_result, name: str | None = None) -> None:
         """Best effort: without a record (a full disk, say) the next hit re-hashes."""
-        data = orjson.dumps({"stat": _stat_key(st), "verified_at": utc_now(), "algorithm": "BLAKE3"})
+        record = {"stat": _stat_key(st), "verified_at": utc_now(), "algorithm": "BLAKE3"}
+        if name is None:
+            name = cache_lru.recorded_name(path)  # a re-verified entry keeps what it was called
+        if name:
+            record["name"] = name
+        data = orjson.dumps(record)
         tmp = f"{path}.verified.{os.getpid()}.tmp"
         try:
             with open(tmp, "wb") as f:

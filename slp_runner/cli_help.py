@@ -142,7 +142,8 @@ references: hash= takes a full BLAKE3 hash, a unique prefix of 8+ hex digits, or
 output:     format=json prints one JSON document on stdout (put, get, show, verify, ls, tag, runs, ...)
 
 other:  slp --version | slp --completion bash | slp --hydra-help (Hydra's flags) | slp ... -c job (the composed config)
-errors: one line on stderr, `slp: error: ...`, exit 1 (2 for a bad command line); SLP_TRACE=1 shows the traceback
+errors: one line on stderr, `slp: error: ...`, exit 1 (2 when the command line cannot be composed: an unknown
+        key, group or a value of the wrong type); SLP_TRACE=1 shows the traceback
 """
 
 
@@ -217,6 +218,7 @@ _slp_complete() {{
         format=*) words="format=text format=json" ;;
         op=*) words="op=finalize op=clean" ;;
         *path=*|out=*|cache_dir=*|runner.runs_dir=*)
+            local IFS=$'\n'
             COMPREPLY=($(compgen -f -- "${{cur#*=}}")); compopt -o filenames 2>/dev/null; return 0 ;;
         *=*) return 0 ;;
         -*) words="--help --version --completion --hydra-help -m --multirun -c" ;;
@@ -236,8 +238,12 @@ def completion_script(shell: str) -> str:
 
     if shell not in ("bash", "zsh"):
         raise KeyError(f"no completion for {shell!r}: bash (zsh runs it through bashcompinit)")
-    keys = sorted({f"{k.key}=" for k in yaml_keys(os.path.join(CONF_DIR, "config.yaml")) if k.default != ""}
-                  | {f"{g}=" for g in GROUPS} | {"+provenance."})
+    keys = {f"{k.key}=" for k in yaml_keys(os.path.join(CONF_DIR, "config.yaml")) if k.default != ""}
+    for group in ("backend", "engine"):  # every choice's keys: backend.root=, engine.threads=, ...
+        for choice in group_choices(group):
+            keys |= {f"{k.key}=" for k in yaml_keys(os.path.join(CONF_DIR, group, f"{choice}.yaml"), f"{group}.")
+                     if k.default != "" and not k.key.endswith("._target_")}
+    keys = sorted(keys | {f"{g}=" for g in GROUPS} | {"+provenance."})
 
     def choices(key: str, values) -> str:
         return " ".join(f"{key}={v}" for v in values)

@@ -136,6 +136,7 @@ def get(
     full_verify: bool = False,
     progress: bool | str = "auto",
     out: TextIO = sys.stdout,
+    name: str | None = None,
 ) -> Fetched:
     """Fetch ``oid`` through the verified cache; copy it to ``dest`` if given."""
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
@@ -143,7 +144,7 @@ def get(
     kind = kind or store.find_kind(oid)
     cb = progress_callback(progress, None, f"get {kind.name}")
     with cb if cb is not DEFAULT_CALLBACK else contextlib.nullcontext():
-        got = cache.get(store, kind, oid, full_verify=full_verify, callback=cb)
+        got = cache.get(store, kind, oid, full_verify=full_verify, callback=cb, name=name)
     if got.repaired:
         say(f"Cache entry for {oid} was corrupt: removed and fetched again")
     if got.resumed_from or got.reconnects:
@@ -230,16 +231,21 @@ def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], *, name: str
     ``refs/``, and one small read per ref: no manifest is read."""
     from .refs import all_refs, parse_name
 
+    tag = None
     if name is not None:
-        name = parse_name(name)[0]
-    names: dict[str, list[str]] = {}
-    for ref in all_refs(store):
-        if name is None or ref["name"] == name:
-            names.setdefault(ref["hash"], []).append(f"{ref['name']}:{ref['tag']}")
+        name, tag = parse_name(name)
+    names: dict[tuple[str, str], list[str]] = {}
+    damaged: list[str] = []
+    for ref in all_refs(store, damaged):
+        if name is None or (ref["name"] == name and tag in (None, ref["tag"])):
+            names.setdefault((ref["kind"], ref["hash"]), []).append(f"{ref['name']}:{ref['tag']}")
+    if damaged:
+        print(f"slp: warning: {len(damaged)} damaged ref(s), e.g. {damaged[0]}: task=fsck lists them",
+              file=sys.stderr)
     rows = []
     for kind in kinds:
         for obj in store.list(kind):
-            tagged = names.get(obj["oid"], [])
+            tagged = names.get((kind.name, obj["oid"]), [])
             if name is None or tagged:
                 rows.append({"kind": kind.name, "hash": obj["oid"], "size": obj["size"],
                              "modified": obj["modified"], "names": tagged})
@@ -252,7 +258,29 @@ def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], *, name: str
             when = (r["modified"] or "-").replace("T", " ")[:16]
             print(f"{r['kind']:8} {r['hash'][:12]}  {', '.join(r['names']) or '-':{width}}  "
                   f"{human_size(r['size']):>10}  {when}", file=out)
-    what = f"named {name}" if name else "in " + ", ".join(k.folder for k in kinds)
+    what = f"named {name}{':' + tag if tag else ''}" if name else "in " + ", ".join(k.folder for k in kinds)
     print(f"{len(rows)} artifact{'s' if len(rows) != 1 else ''} {what}, {human_size(total)} "
           f"({store.backend.name} backend at {store.backend.location})", file=out)
     return {"artifacts": rows, "count": len(rows), "total_size": total, "backend": store.backend.name}
+
+
+def print_cache(listing, pruned, op: str, root: str, out: TextIO = sys.stdout) -> None:
+    """``slp task=cache``: the entries, most recently used first, and what a prune did."""
+    from datetime import datetime, timezone
+
+    if listing:
+        width = max(4, *(len(e.name or "-") for e in listing))
+        print(f"{'KIND':8} {'HASH':12}  {'NAME':{width}}  {'SIZE':>10}  {'LAST USE (UTC)':16}  KEPT", file=out)
+        for e in reversed(listing):
+            used = datetime.fromtimestamp(e.last_used, timezone.utc).strftime("%Y-%m-%d %H:%M")
+            print(f"{e.kind:8} {e.oid[:12]}  {e.name or '-':{width}}  {human_size(e.size):>10}  {used:16}  "
+                  f"{e.pinned or ''}".rstrip(), file=out)
+    total = sum(e.size for e in listing)
+    cap = f", cap {human_size(pruned.cap)}" if pruned.cap is not None else ", no cap (cache.max_size)"
+    print(f"{len(listing)} entries, {human_size(total)}{cap} ({root})", file=out)
+    if op != "list":
+        verb = "would evict" if pruned.dry_run else "evicted"
+        freed = sum(e.size for e in pruned.evicted)
+        tail = " (dry run: apply=true evicts them)" if pruned.dry_run else ""
+        print(f"{op}: {verb} {len(pruned.evicted)} entries, {human_size(freed)}; "
+              f"{human_size(pruned.kept_pinned)} pinned or in use{tail}", file=out)

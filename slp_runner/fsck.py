@@ -260,6 +260,8 @@ class Fsck:
                     yield path, "cache-partial"
                 elif name.endswith(".lock") and not os.path.exists(path[: -len(".lock")]):
                     yield path, "cache-lock"  # beside an entry a lock is normal; alone, a get failed
+                elif name.endswith(".inuse") and not os.path.exists(path[: -len(".inuse")]):
+                    yield path, "cache-lock"  # a hold whose entry went (a get that failed after it)
 
     def abandoned_runs(self) -> None:
         try:

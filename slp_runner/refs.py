@@ -61,8 +61,12 @@ def parse_name(text: str) -> tuple[str, str | None]:
     """``name[:tag]`` -> (name, tag or None), each checked against its grammar."""
     name, sep, tag = str(text).strip().partition(":")
     if not NAME_RE.fullmatch(name) or ".." in name:
-        raise InputError(f"invalid name {name!r}: letters, digits, '.', '_', '-' (and '/' between parts), "
-                         "starting with a letter or digit")
+        raise InputError(f"invalid name {name!r}: letters, digits, '.', '_', '-', each part starting with a "
+                         "letter or digit, at most 100 characters, and at most 4 parts joined by '/'")
+    if any(part.lower().endswith(".json") for part in name.split("/")):
+        raise InputError(f"invalid name {name!r}: a part may not end in .json (tags are stored as <tag>.json)")
+    if _HEX.fullmatch(name) and len(name) >= MIN_PREFIX:
+        raise InputError(f"invalid name {name!r}: 8 or more hex digits read as a hash prefix; add a letter g-z")
     if sep and not TAG_RE.fullmatch(tag):
         raise InputError(f"invalid tag {tag!r} in {text!r}: letters, digits, '.', '_', '-', at most 128")
     return name, (tag if sep else None)
@@ -112,13 +116,18 @@ def read_ref(store: ArtifactStore, name: str, tag: str) -> dict[str, Any] | None
 
 
 def load_ref(data: bytes, path: str) -> dict[str, Any]:
+    """A ref's record, checked: a hash, a kind, a time, and the name and tag its path says."""
     try:
         record = orjson.loads(data)
         validate_oid(record["hash"])
         kind_named(record["kind"])
         int(record["created_at"])
+        where = f"{REFS}/{record['name']}/{record['tag']}.json"
     except Exception:
         raise IntegrityError(f"ref {path} is damaged: put or tag the name again") from None
+    if not str(path).endswith(where):
+        raise IntegrityError(f"ref {path} is damaged (it says {record['name']}:{record['tag']}): "
+                             "put or tag the name again")
     return record
 
 
@@ -136,8 +145,9 @@ def tags_of(store: ArtifactStore, name: str) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (r["created_at"], r["tag"]), reverse=True)
 
 
-def all_refs(store: ArtifactStore) -> list[dict[str, Any]]:
-    """Every ref in the backend (damaged ones skipped: ``fsck`` reports them), by name and tag."""
+def all_refs(store: ArtifactStore, damaged: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every ref in the backend, by name and tag; damaged ones are skipped (``fsck``
+    reports them) and their paths appended to ``damaged`` if given."""
     root = store.backend.path(REFS)
     with backend_errors(store.backend, f"listing {root}"):
         try:
@@ -150,7 +160,8 @@ def all_refs(store: ArtifactStore) -> list[dict[str, Any]]:
         try:
             records.append(load_ref(data, path))
         except IntegrityError:
-            continue
+            if damaged is not None:
+                damaged.append(path)
     return sorted(records, key=lambda r: (r["name"], -r["created_at"]))
 
 
@@ -164,6 +175,10 @@ def resolve(store: ArtifactStore, text: Any, kind: ArtifactKind | None = None) -
         if len(matches) == 1:
             (found_kind, oid), = matches
             return Resolved(oid, found_kind, given, "prefix")
+        if len(matches) > 1 and len({oid for _, oid in matches}) == 1:
+            kinds = "|".join(k.name for k, _ in matches)
+            raise InputError(f"{given} is stored as {' and as '.join(k.name for k, _ in matches)} "
+                             f"(the same bytes): give kind=<{kinds}>")
         if len(matches) > 1:
             listed = ", ".join(f"{oid[:16]}… ({k.name})" for k, oid in matches[:10])
             more = f" and {len(matches) - 10} more" if len(matches) > 10 else ""

@@ -52,6 +52,12 @@ class BenchConf:
 
 
 @dataclass
+class CacheConf:
+    max_size: Optional[str] = None  # 50GB, 500MiB, 80%, or bytes
+    keep_runs: Optional[int] = None
+
+
+@dataclass
 class SlpConfig:
     backend: Any = None
     pipeline: Any = None
@@ -88,6 +94,8 @@ class SlpConfig:
     grace: str = "24h"
     progress: Any = "auto"  # auto | true | false
     cache_dir: str = "~/.cache/slp-runner"
+    cache: CacheConf = field(default_factory=CacheConf)
+    apply: bool = False
 
 
 def register() -> None:

@@ -54,6 +54,15 @@ def build_store(cfg: DictConfig) -> ArtifactStore:
     return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing)
 
 
+def open_cache(cfg: DictConfig) -> LocalCache:
+    from .cache_lru import parse_size
+
+    section = cfg.get("cache") or {}
+    root = os.path.abspath(os.path.expanduser(cfg.cache_dir))
+    return LocalCache(root, max_size=parse_size(section.get("max_size"), root), runs_dir=cfg.runner.runs_dir,
+                      keep_runs=section.get("keep_runs"))
+
+
 def _provenance(cfg: DictConfig) -> dict[str, Any]:
     prov = cfg.get("provenance") or {}
     return OmegaConf.to_container(prov, resolve=True) if isinstance(prov, DictConfig) else dict(prov)
@@ -132,8 +141,9 @@ def _get(kind_fixed: ArtifactKind | None = None) -> Callable[[DictConfig, TextIO
     def run(cfg: DictConfig, out: TextIO) -> Report:
         store = build_store(cfg)
         found = _resolve(cfg, store, kind_fixed or _kind(cfg))
-        fetched = commands.get(store, LocalCache(cfg.cache_dir), found.kind, found.oid, dest=cfg.out,
-                               full_verify=cfg.full_verify, progress=cfg.progress, out=out)
+        fetched = commands.get(store, open_cache(cfg), found.kind, found.oid, dest=cfg.out,
+                               full_verify=cfg.full_verify, progress=cfg.progress, out=out,
+                               name=found.given if found.via == "name" else None)
         got = fetched.cached
         return Report({**found.as_dict(), "kind": fetched.kind.name, "size": got.size, "path": fetched.path,
                        "cache_path": got.path, "cache_hit": got.cache_hit, "validation": got.validation,
@@ -194,9 +204,74 @@ def _untag(cfg: DictConfig, out: TextIO) -> Report:
 def _fsck(cfg: DictConfig, out: TextIO) -> Report:
     from . import fsck
 
-    findings = fsck.fsck(build_store(cfg), LocalCache(cfg.cache_dir), cfg.runner.runs_dir, fix=bool(cfg.fix),
+    findings = fsck.fsck(build_store(cfg), open_cache(cfg), cfg.runner.runs_dir, fix=bool(cfg.fix),
                          grace=fsck.parse_grace(cfg.grace), sample=float(cfg.sample), out=out)
     return Report(findings, ok=not fsck.damage_remains(findings))
+
+
+# -- the local cache ----------------------------------------------------------
+
+
+def _cache(cfg: DictConfig, out: TextIO) -> Report:
+    from .cache_lru import prune
+
+    cache = open_cache(cfg)
+    op = cfg.get("op") or "list"
+    if op not in ("list", "prune", "clear"):
+        raise ConfigError(f"unknown op {op!r} for task=cache (choose from list, prune, clear)")
+    if op == "prune" and cache.max_size is None:
+        raise ConfigError("op=prune needs a cap: cache.max_size=<50GB, 500MiB, 80%> (or op=clear)")
+    apply = op == "clear" or bool(cfg.apply)
+    result = prune(cache.root, cache.max_size, runs_dir=cache.runs_dir, keep_runs=cache.keep_runs,
+                   apply=apply and op != "list", everything=op == "clear", names=True)
+    from .cache_lru import entries, mark_kept
+
+    listing = mark_kept(entries(cache.root, names=True), cache.root, cache.runs_dir, cache.keep_runs)
+    commands.print_cache(listing, result, op, cache.root, out=out)
+    return Report({"op": op, "root": cache.root, "cap": cache.max_size, "total": sum(e.size for e in listing),
+                   "entries": [e.as_dict() for e in reversed(listing)],
+                   **({} if op == "list" else {"evicted": [e.as_dict() for e in result.evicted],
+                                                "dry_run": result.dry_run, "total_after": result.total_after})})
+
+
+def _pin(cfg: DictConfig, out: TextIO) -> Report:
+    from .cache_lru import pin
+
+    cache = open_cache(cfg)
+    kind, oid = _local_or_resolved(cfg, cache)
+    record = pin(cache.root, kind, oid, note=str(cfg.hash))
+    print(f"pinned {kind.name} {oid} in {cache.root}: never evicted (task=unpin lets it go)", file=out)
+    return Report(record)
+
+
+def _unpin(cfg: DictConfig, out: TextIO) -> Report:
+    from .cache_lru import pinned_hashes, unpin
+
+    cache = open_cache(cfg)
+    given = str(_need(cfg.hash, REF_HELP))
+    matches = [h for h in pinned_hashes(cache.root) if h.startswith(given.lower())] if len(given) >= 8 else []
+    if len(matches) > 1:
+        raise ConfigError(f"hash prefix {given} matches {len(matches)} pins: give more digits")
+    oid = matches[0] if matches else _local_or_resolved(cfg, cache)[1]
+    if not unpin(cache.root, oid):
+        raise ConfigError(f"{oid} is not pinned in {cache.root}")
+    print(f"unpinned {oid}", file=out)
+    return Report({"hash": oid, "unpinned": True})
+
+
+def _local_or_resolved(cfg: DictConfig, cache: LocalCache) -> tuple[ArtifactKind, str]:
+    """What ``hash=`` names: a full hash or 8+ hex prefix of an entry in this cache
+    needs no backend; anything else (a name) is resolved through the store."""
+    from .cache_lru import entries
+
+    given = str(_need(cfg.hash, REF_HELP)).lower()
+    if len(given) >= 8 and all(c in "0123456789abcdef" for c in given):
+        local = [e for e in entries(cache.root) if e.oid.startswith(given)]
+        if len({e.oid for e in local}) == 1:
+            return kind_named(local[0].kind), local[0].oid
+    store = build_store(cfg)
+    found = _resolve(cfg, store, _kind(cfg))
+    return found.kind or store.find_kind(found.oid), found.oid
 
 
 # -- run tasks ----------------------------------------------------------------
@@ -234,7 +309,7 @@ def _run(cfg: DictConfig, out: TextIO) -> Report:
             print(f"job {os.path.basename(job_dir)} already completed (run {done.get('run_id')}): skipped", file=out)
             return Report(done)
     store = build_store(cfg)
-    result = from_config.run_pipeline(cfg, store, LocalCache(cfg.cache_dir), job_overrides(), out=out)
+    result = from_config.run_pipeline(cfg, store, open_cache(cfg), job_overrides(), out=out)
     if job_dir:
         sweep.write_job_result(job_dir, {"status": result.status, "run_id": result.run_id, "folder": result.folder,
                                          "overrides": job_overrides(), "stages": result.manifest["stages"]},
@@ -246,7 +321,7 @@ def _reproduce(cfg: DictConfig, out: TextIO) -> Report:
     from .pipeline import from_config
 
     run_id = str(_need(cfg.run, "run=<run_id>"))
-    _, comparison = from_config.reproduce(cfg, build_store(cfg), LocalCache(cfg.cache_dir), run_id, out=out)
+    _, comparison = from_config.reproduce(cfg, build_store(cfg), open_cache(cfg), run_id, out=out)
     return Report(comparison, ok=all(comparison.values()))
 
 
@@ -254,9 +329,11 @@ def _verify_run(cfg: DictConfig, out: TextIO) -> Report:
     from .pipeline.history import load_manifest, verify_run
 
     store = build_store(cfg)
-    manifest = load_manifest(str(_need(cfg.run, "run=<run_id>")), cfg.runner.runs_dir, store)
-    problems = verify_run(manifest, store, LocalCache(cfg.cache_dir), out=out)
-    return Report(problems, ok=not problems)
+    run_id = str(_need(cfg.run, "run=<run_id>"))
+    manifest = load_manifest(run_id, cfg.runner.runs_dir, store)
+    problems = verify_run(manifest, store, open_cache(cfg), out=out)
+    return Report({"run": run_id, "ok": not problems, "problems": problems,
+                   "artifacts": manifest.get("artifacts", {})}, ok=not problems)
 
 
 def _runs(cfg: DictConfig, out: TextIO) -> Report:
@@ -318,6 +395,11 @@ TASKS: dict[str, Task] = {
     "tag": Task(_tag, "name a stored artifact: hash=<ref> name=<name[:tag]>", ("hash", "name", "tag", "kind")
                 + _BACKEND, json=True),
     "untag": Task(_untag, "remove a name: name=<name:tag>", ("name", "tag") + _BACKEND, json=True),
+    "cache": Task(_cache, "the local cache: op=list (default) | prune (to cache.max_size; apply=true deletes) | "
+                  "clear", ("op", "apply", "cache", "cache_dir", "runner.runs_dir"), json=True),
+    "pin": Task(_pin, "keep an artifact in the local cache whatever its cap: hash=<ref>", ("hash", "kind", "cache_dir")
+                + _BACKEND, json=True),
+    "unpin": Task(_unpin, "let a pinned artifact be evicted again: hash=<ref>", ("hash", "cache_dir"), json=True),
     "repair": Task(_repair, "replace a damaged or lost stored object from a good local copy",
                    ("hash", "path", "kind", "progress") + _BACKEND, json=True),
     "fsck": Task(_fsck, "check the store, the cache and the run folders; fix=true repairs",

@@ -11,7 +11,7 @@ import blake3
 import pytest
 
 from slp_runner import refs
-from slp_runner.artifacts import BLOB, MODEL
+from slp_runner.artifacts import BLOB, MODEL, PROMPTS
 from slp_runner.errors import ArtifactNotFound, InputError, IntegrityError
 
 from conftest import TEST_CONF
@@ -232,3 +232,65 @@ def test_fsck_reports_damaged_and_dangling_names(store, tmp_path):
     fixed = fsck.fsck(store, cache, runs, fix=True, out=open(os.devnull, "w"))
     assert [(f.what, f.fixed) for f in fixed] == [("damaged-ref", True), ("dangling-ref", False)]
     assert refs.read_ref(store, "broken", "v1") is None and refs.resolve(store, "good").oid == kept.oid
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("p/q/c.json", "may not end in .json"),
+    ("deadbeef00", "read as a hash prefix"),
+    ("a/b/c/d/e", "at most 4 parts"),
+    ("../up", "invalid name"),
+])
+def test_names_that_could_collide_or_shadow_are_refused(store, tmp_path, bad, why):
+    obj = put_bytes(store, tmp_path, b"x")
+    with pytest.raises(InputError, match=why):
+        refs.write_ref(store, bad, "t1", obj.kind, obj.oid, obj.size)
+    assert refs.all_refs(store) == []
+
+
+def test_a_ref_that_says_another_name_is_damaged(store, tmp_path):
+    obj = put_bytes(store, tmp_path, b"y")
+    refs.write_ref(store, "real", "v1", obj.kind, obj.oid, obj.size)
+    data = store.fs.cat_file(refs.ref_path(store, "real", "v1"))
+    store.fs.pipe_file(refs.ref_path(store, "real", "v2"), data)  # copied by hand: says real:v1
+    with pytest.raises(IntegrityError, match=r"real/v2.json is damaged \(it says real:v1\)"):
+        refs.resolve(store, "real:v2")
+    damaged = []
+    assert [r["tag"] for r in refs.all_refs(store, damaged)] == ["v1"] and len(damaged) == 1
+
+
+def test_named_puts_in_pipelines_write_their_name_every_run(tmp_path, prompts_file):
+    env = dict(os.environ, SLP_STORE_ROOT=str(tmp_path / "store"), SLP_CACHE_DIR=str(tmp_path / "cache"))
+    args = ["pipeline=store_prompts", f"prompts.path={prompts_file}", "prompts.name=sp", "prompts.tag=v1",
+            f"runner.runs_dir={tmp_path / 'runs'}"]
+    assert run_slp(env, *args).returncode == 0
+    assert run_slp(env, "task=untag", "name=sp:v1").returncode == 0
+    again = run_slp(env, *args)  # the put stage is not served from the stage cache: the name comes back
+    assert again.returncode == 0, again.stderr
+    listing = json.loads(run_slp(env, "task=ls", "name=sp:v1", "format=json").stdout)
+    assert [r["names"] for r in listing["artifacts"]] == [["sp:v1"]]
+
+
+def test_the_same_bytes_under_two_kinds_keep_their_own_names(store, tmp_path):
+    from slp_runner import commands
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "hi"}\n')
+    as_prompts = store.put(str(path), PROMPTS)
+    as_blob = store.put(str(path), BLOB)
+    assert as_prompts.oid == as_blob.oid
+    refs.write_ref(store, "myp", "1.0", as_prompts.kind, as_prompts.oid, as_prompts.size)
+    refs.write_ref(store, "dup", "blob", as_blob.kind, as_blob.oid, as_blob.size)
+    rows = commands.list_artifacts(store, [BLOB, as_prompts.kind], out=open(os.devnull, "w"))["artifacts"]
+    assert {r["kind"]: r["names"] for r in rows} == {"blob": ["dup:blob"], "prompts": ["myp:1.0"]}
+    with pytest.raises(InputError, match=r"stored as blob and as prompts .*give kind=<blob\|prompts>|"
+                                         r"stored as prompts and as blob .*give kind=<prompts\|blob>"):
+        refs.resolve(store, as_blob.oid[:10])
+
+
+def test_a_missing_hash_fails_before_the_run_starts(tmp_path):
+    env = dict(os.environ, SLP_STORE_ROOT=str(tmp_path / "store"), SLP_CACHE_DIR=str(tmp_path / "cache"))
+    run = run_slp(env, "pipeline=run_infer", "model.hash=" + "0" * 64, f"runner.runs_dir={tmp_path / 'runs'}")
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == ("slp: error: missing prompts.hash=<hash, 8+ hex prefix or name[:tag]> "
+                          "(stage 'fetch_prompts' fetches it)\n")
+    assert not (tmp_path / "runs").exists()

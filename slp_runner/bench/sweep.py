@@ -15,6 +15,7 @@ import functools
 import glob
 import math
 import os
+import sys
 from typing import Any
 
 import orjson
@@ -304,11 +305,13 @@ class SweepSummary(Callback):
         if rows:
             with open(os.path.join(sweep_dir, "summary.md")) as f:
                 print(f.read())
-            print(f"sweep summary: {sweep_dir}/summary.md, summary.csv, throughput.png ({len(rows)} rows)")
+            plot = ", throughput.png" if os.path.exists(os.path.join(sweep_dir, "throughput.png")) else ""
+            print(f"sweep summary: {sweep_dir}/summary.md, summary.csv{plot} ({len(rows)} rows)")
         failed = [r for r in rows if r.get("status") != "completed"]
         if failed:
+            sys.stdout.flush()
             print(f"slp: error: {len(failed)} of {len(rows)} sweep jobs failed; resume with "
-                  f"hydra.sweep.dir={sweep_dir} resume=true")
+                  f"hydra.sweep.dir={sweep_dir} resume=true", file=sys.stderr)
             raise SystemExit(1)
 
 

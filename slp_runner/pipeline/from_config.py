@@ -86,7 +86,13 @@ def resolve_references(cfg: DictConfig, store: ArtifactStore) -> dict[str, dict]
     stages = cfg.pipeline.get("stages") if cfg.get("pipeline") else None
     for name in stages or {}:
         inputs = stages[name].get("inputs")
-        if isinstance(inputs, DictConfig) and "hash" in inputs and not OmegaConf.is_interpolation(inputs, "hash"):
+        if not isinstance(inputs, DictConfig) or "hash" not in inputs:
+            continue
+        if OmegaConf.is_interpolation(inputs, "hash"):
+            if inputs.get("hash") in (None, ""):  # fail now, not after the engine has loaded a model
+                source = OmegaConf.to_container(inputs, resolve=False)["hash"].strip("${}")
+                raise ConfigError(f"missing {source}=<hash, 8+ hex prefix or name[:tag]> (stage {name!r} fetches it)")
+        else:
             settle(f"pipeline.stages.{name}.inputs.hash", _stage_kind(stages[name]))
     return found
 

@@ -116,6 +116,7 @@ def execute(
     folder.write_json("manifest.json", manifest)
     final = folder.finalize(redactor)  # logs and stage files too
     _print_summary(manifest, final, out)
+    cache.release()  # the run is over: what its stages fetched may be evicted again
     if upload:
         try:
             n = folder.upload(store)

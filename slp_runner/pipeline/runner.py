@@ -135,7 +135,10 @@ class Runner:
                 kwargs[key] = value
             rec.inputs = {k: kwargs[k] for k in spec.inputs}
             rec.key = stage_key(spec, kwargs, self.cache)
-            if self.stage_cache is not None and spec.cache and not self.force:
+            # A stage with a side effect beyond its outputs (a put that names its artifact:
+            # the name may have moved since) runs every time; its put then deduplicates.
+            uncached = any(kwargs.get(k) for k in getattr(spec.fn, "slp_uncached_when", ()))
+            if self.stage_cache is not None and spec.cache and not self.force and not uncached:
                 hit = self.stage_cache.lookup(spec, rec.key)
                 if hit is not None:
                     rec.outputs, rec.metrics, rec.cache_hit = hit["outputs"], hit.get("metrics", {}), True

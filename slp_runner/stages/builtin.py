@@ -42,16 +42,25 @@ def put_artifact(ctx: StageContext, path: str, kind: str = "blob", name: str | N
     return {"artifact": ArtifactRef(result.kind, result.oid, result.size)}
 
 
+put_artifact.slp_uncached_when = ("name",)  # see Runner: the name is written every run
+
+
 def put_model(ctx: StageContext, path: str, name: str | None = None, provenance: dict | None = None,
               tag: str | None = None) -> dict:
     """slp_put_model: outputs ``model``."""
     return {"model": put_artifact(ctx, path, MODEL, name, provenance, tag)["artifact"]}
 
 
+put_model.slp_uncached_when = ("name",)
+
+
 def put_prompts(ctx: StageContext, path: str, name: str | None = None, provenance: dict | None = None,
                 tag: str | None = None) -> dict:
     """slp_put_prompts: outputs ``prompts``."""
     return {"prompts": put_artifact(ctx, path, PROMPTS, name, provenance, tag)["artifact"]}
+
+
+put_prompts.slp_uncached_when = ("name",)
 
 
 def fetch(ctx: StageContext, hash: str | ArtifactRef, kind: str | None = None, full_verify: bool = False) -> dict:
