@@ -16,45 +16,20 @@ from __future__ import annotations
 import os
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
 from .errors import ConfigError, SlpError
-from .examples import register_resolvers
-from .schema import register as register_schema
-from .tasks import TASKS, build_store, multirun_job_dir, run_task  # noqa: F401  (build_store: tests, scripts)
-
-register_resolvers()
-register_schema()
 
 # The configs ship inside the package; users add their own folders with hydra.searchpath.
 CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    from omegaconf.errors import OmegaConfBaseException
+def __getattr__(name: str):
+    """``build_store``, ``run_task`` and ``TASKS`` for scripts and tests: they need the
+    Hydra side (:mod:`.app`), which ``slp --version`` and ``--help`` do without."""
+    if name in ("build_store", "run_task", "TASKS"):
+        from . import app, tasks  # noqa: F401  (app registers the resolvers and the schema)
 
-    from .pipeline import from_config
-
-    try:
-        run_task(cfg)
-    except Exception as exc:
-        if _TRACE:  # a developer's view: the whole traceback
-            raise
-        message = from_config.redactor(cfg).text(user_error_line(exc))
-        print(f"slp: error: {message}", file=sys.stderr)
-        job_dir = multirun_job_dir()
-        if job_dir:  # one failed job of a sweep: record it, let the others run
-            from .bench import sweep
-            from .tasks import job_overrides
-
-            sweep.write_job_result(job_dir, {"status": "failed", "error": message, "overrides": job_overrides()},
-                                   from_config.redactor(cfg))
-            return
-        raise SystemExit(1) from None
-    except KeyboardInterrupt as exc:
-        _exit_interrupted(exc)
+        return getattr(tasks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _exit_interrupted(exc: KeyboardInterrupt):
@@ -263,7 +238,9 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     _stop_on_signals()
     try:
-        _hydra_main()
+        from .app import hydra_main
+
+        hydra_main()
     except (HydraException, OmegaConfBaseException) as exc:
         if wants_trace:
             raise

@@ -4,7 +4,7 @@ A reference is one of:
 
 - a full BLAKE3 hash (64 hex digits): used as it is, with no backend request;
 - a unique prefix of at least 8 hex digits, as git takes one;
-- ``name:tag``, or ``name`` alone: the newest put of that name under any tag
+- ``name:tag``, or ``name`` alone: the tag of that name put or tagged most recently
   (``name:latest`` too, unless a tag is literally called ``latest``).
 
 Names live in the backend beside the objects, one small JSON document per tag::
@@ -183,7 +183,8 @@ def resolve(store: ArtifactStore, text: Any, kind: ArtifactKind | None = None) -
             listed = ", ".join(f"{oid[:16]}… ({k.name})" for k, oid in matches[:10])
             more = f" and {len(matches) - 10} more" if len(matches) > 10 else ""
             raise InputError(f"hash prefix {given} is ambiguous: {listed}{more}; give more digits")
-        # no object starts so: it may still be an all-hex name
+        # Names of 8+ hex digits are refused (parse_name), so no name can mean this either.
+        raise ArtifactNotFound(f"no artifact whose hash starts with {given} in {_where(store)}")
     try:
         name, tag = parse_name(given)
     except InputError:
@@ -201,8 +202,7 @@ def _resolve_name(store, given, name, tag, kind) -> Resolved:
     records = tags_of(store, name)
     if not records:
         if _HEX.fullmatch(given):
-            what = (f"whose hash starts with {given} nor named so" if len(given) >= MIN_PREFIX
-                    else f"named {given} (a hash prefix needs at least {MIN_PREFIX} hex digits)")
+            what = f"named {given} (a hash prefix needs at least {MIN_PREFIX} hex digits)"
         else:
             what = f"named {name}"
         raise ArtifactNotFound(f"no artifact {what} in {_where(store)}{_close_names(store, name)}")

@@ -92,6 +92,9 @@ class SlpConfig:
     fix: bool = False
     sample: float = 0.0
     grace: str = "24h"
+    keep_runs: Optional[int] = None
+    keep_since: Optional[str] = None
+    keep: Any = field(default_factory=list)  # one reference, or a list of them
     progress: Any = "auto"  # auto | true | false
     cache_dir: str = "~/.cache/slp-runner"
     cache: CacheConf = field(default_factory=CacheConf)

@@ -204,12 +204,16 @@ class ArtifactStore:
                 damage = "the object was missing, its manifest was not"
             if present and damage is None:
                 existing = self._sound_manifest_or_none(kind, oid)
-                if existing is None:  # an earlier put stopped between object and manifest, or it was damaged
+                rewritten = existing is None  # an earlier put stopped between object and manifest, or it was damaged
+                if rewritten:
                     existing = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, "existing")
-                    self._publish_bytes(manifests.dumps(existing), mpath)
+                # Published again even when sound: its new time tells a gc (slp_runner.gc) that listed
+                # this object as old and unreferenced to keep it, as gc re-checks just before deleting.
+                self._publish_bytes(manifests.dumps(existing), mpath)
+                if self.fs.exists(final):  # still there after the refresh: a gc re-checking sees the new time
                     return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final,
-                                     digest.sha256, manifest_rewritten=True)
-                return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final, digest.sha256)
+                                     digest.sha256, manifest_rewritten=rewritten)
+                # else a gc deleted it meanwhile: store it again, as a new object
 
             t1 = time.perf_counter()
             if self.backend.verified_upload is not None and self.verify_upload == "size":
@@ -273,6 +277,19 @@ class ArtifactStore:
 
         self.backend.verified_upload(local_path, final, check, callback=callback)
         return "inline-hash"
+
+    def refresh(self, kind: ArtifactKind, oid: str) -> bool:
+        """Publish a stored object's manifest again (same bytes, a new time), so that a gc
+        running now keeps the object (it re-checks times just before deleting). False if
+        the object or its manifest is gone."""
+        mpath = self.manifest_path(kind, oid)
+        with backend_errors(self.backend, f"refreshing {mpath}"):
+            try:
+                data = self.fs.cat_file(mpath)
+            except FileNotFoundError:
+                return False
+            self._publish_bytes(data, mpath)
+            return self.fs.exists(self.object_path(kind, oid))
 
     def put_bytes(self, data: bytes, path: str) -> None:
         """Publish small bytes (run files) at ``path`` relative to the backend root, atomically."""

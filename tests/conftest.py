@@ -22,7 +22,7 @@ def make_cfg(tmp_path):
     """Compose the real config with Hydra's compose API, pointed at this test's folders."""
     from hydra import compose, initialize_config_dir
 
-    from slp_runner.cli import CONF_DIR
+    from slp_runner.app import CONF_DIR
 
     def make(*overrides):
         with initialize_config_dir(CONF_DIR, version_base="1.3"):

@@ -175,8 +175,6 @@ def test_object_refreshed_after_the_listing_is_kept(store, tmp_path):
     assert store.verify(BLOB, old.oid).ok
 
 
-@pytest.mark.xfail(reason="needs store.put to refresh the manifest when it deduplicates (proposed store.py diff)",
-                   strict=False)
 def test_dedup_put_racing_the_gc_keeps_its_object(store, tmp_path):
     path = blob_file(tmp_path, "raced", 100)
     old = store.put(str(path), BLOB)
@@ -198,6 +196,30 @@ def test_dedup_put_racing_the_gc_keeps_its_object(store, tmp_path):
         del store.fs.ls
     assert not puts[0].uploaded  # deduplicated against the old object
     assert report["swept"] == [] and store.verify(BLOB, old.oid).ok
+
+
+def test_stage_cache_hit_racing_the_gc_keeps_its_object(store, tmp_path):
+    path = blob_file(tmp_path, "hit", 100)
+    first = run_putting(store, tmp_path, path)
+    oid = first.records["put0"].outputs["artifact"].oid
+    remove_run(store, tmp_path, first.run_id)  # only the stage cache refers to it now
+    time.sleep(3.1)
+    info = store.fs.info
+    runs = []
+
+    def run_then_info(where, *args, **kwargs):
+        if not runs and kwargs.get("refresh"):  # the sweep's first re-check (not an info inside a listing)
+            runs.append(None)  # once: the run below asks for info too
+            runs[0] = run_putting(store, tmp_path, path)  # the mark is done: a run hits the stage cache now
+        return info(where, *args, **kwargs)
+
+    store.fs.info = run_then_info
+    try:
+        report = gc(store, tmp_path, grace=2, apply=True)
+    finally:
+        del store.fs.info
+    assert runs[0].records["put0"].cache_hit
+    assert report["swept"] == [] and store.verify(BLOB, oid).ok
 
 
 def test_run_only_in_the_backend_still_protects(store, tmp_path):

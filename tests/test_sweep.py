@@ -77,7 +77,8 @@ def failing_sweep(tmp_path_factory, seaweed):
 
 def test_failed_job_row_keeps_its_parameters_and_error(failing_sweep):
     proc, sweep_dir = failing_sweep
-    assert proc.returncode == 1 and "2 of 4 sweep jobs failed" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 1 and "slp: error: 2 of 4 sweep jobs failed" in proc.stderr, proc.stderr[-2000:]
+    assert "slp: error" not in proc.stdout  # errors go to stderr, the summary to stdout
     with open(sweep_dir / "summary.csv") as f:
         rows = {r["job"]: r for r in csv.DictReader(f)}
     assert sorted(rows) == ["0", "1", "2", "3"]
@@ -112,7 +113,7 @@ def test_failed_job_without_its_parameters_takes_the_sweeps(tmp_path):
     they did not override are the sweep config's, as Hydra composed it."""
     from hydra import compose, initialize_config_dir
 
-    from slp_runner.cli import CONF_DIR
+    from slp_runner.app import CONF_DIR
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["pipeline=bench_storage", "backend=seaweedfs", "bench.size_mb=64"],

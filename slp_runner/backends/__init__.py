@@ -149,7 +149,10 @@ def s3_backend(
 
     def make_bucket() -> None:
         if create_bucket and not fs.exists(bucket):
-            fs.mkdir(bucket)
+            try:
+                fs.mkdir(bucket)
+            except FileExistsError:  # made meanwhile by a concurrent first write (two stages, two processes)
+                pass
 
     return Backend(
         "s3", fs, "/".join(p for p in (bucket, root.strip("/")) if p), location,

@@ -21,7 +21,7 @@ from ..hashing import hash_file
 from ..cache import LocalCache
 from ..redaction import Redactor
 from ..store import ArtifactStore, backend_errors
-from .context import from_json, outputs_still_exist, to_json
+from .context import ArtifactRef, from_json, outputs_still_exist, to_json
 from .spec import StageSpec
 
 FOLDER = "stage-cache"
@@ -115,6 +115,9 @@ class StageCache:
         outputs = from_json(record["outputs"])
         if not outputs_still_exist(self.store, outputs, self.cache):
             return None
+        # A gc running now may have listed these as unreferenced: a new manifest time keeps them.
+        if not all(self.store.refresh(ref.kind, ref.oid) for ref in _artifact_refs(outputs)):
+            return None
         record["outputs"] = outputs
         return record
 
@@ -130,6 +133,16 @@ class StageCache:
         if self.redactor is not None:  # records are shared through the backend: no credential in them
             data = self.redactor.tree(data, names=False)
         self.store.put_bytes(orjson.dumps(data, default=str), f"{FOLDER}/{key}.json")
+
+
+def _artifact_refs(value: Any) -> list[ArtifactRef]:
+    if isinstance(value, ArtifactRef):
+        return [value]
+    if isinstance(value, dict):
+        return [r for v in value.values() for r in _artifact_refs(v)]
+    if isinstance(value, list):
+        return [r for v in value for r in _artifact_refs(v)]
+    return []
 
 
 def _relocate(value: Any, old: str, new: str) -> Any:

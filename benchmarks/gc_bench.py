@@ -1,6 +1,6 @@
 """What ``slp task=gc`` costs: time and backend requests for a dry run and an apply.
 
-    python -m slp_runner.bench.gc_bench --backend seaweedfs|s3|local --objects 1000
+    python -m benchmarks.gc_bench --backend seaweedfs|s3|local --objects 1000
 
 Fills a fresh store (its own SeaweedFS on free ports, in a temporary folder, for
 seaweedfs and s3) with ``--objects`` small blobs, each published the way a put
@@ -141,7 +141,7 @@ def publish_run(store: ArtifactStore, kept: list[tuple[str, int]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slp_runner.bench.gc_bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gc_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("local", "seaweedfs", "s3"), default="seaweedfs")
     parser.add_argument("--objects", type=int, default=1000)
     parser.add_argument("--size", type=int, default=1024, help="bytes per object (default 1024)")
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"backend": args.backend, "objects": args.objects, "size": args.size, "fill": args.fill,
               "workers": args.workers,
               "fill_seconds": round(fill_seconds, 3), "kept": len(kept), "rows": rows, "correct": ok}
+    from benchmarks._report import out_dir
+
+    folder = out_dir(f"gc-{args.backend}")  # runs/bench-gc-<backend>-<time>/results.json
+    with open(os.path.join(folder, "results.json"), "wb") as f:
+        f.write(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     if args.json:
         print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
         return 0 if ok else 1
@@ -194,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['phase']:8} | {r['seconds']:>8.3f} | {r['swept']:>5} | {human(r['freed_bytes']):>9} | "
               f"{r['calls']:>8} | {wire:>6} | {methods}")
     print(f"after apply: {len(left)} objects left, {'exactly the referenced ones' if ok else 'NOT the referenced set'}")
+    print(f"results in {folder}")
     return 0 if ok else 1
 
 
