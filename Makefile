@@ -57,8 +57,9 @@ demo: install
 	$(SLP) pipeline=run_infer model.hash=$$mhash prompts.hash=$$phash backend=$(BACKEND) $(ARGS); \
 	rm -f runs/.demo-model.log runs/.demo-prompts.log
 
+# 2 workers, one test file each: a file's module fixtures (a sweep, a run) stay in one process.
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadfile
 
 llama-batch: install
 	$(SLP) pipeline=llama_batch engine=external engine.url=$(URL) prompts.path=$(PROMPTS) backend=$(BACKEND)

@@ -169,4 +169,4 @@ def test_all_and_dev_extras_are_the_union_of_the_others():
         extras = tomllib.load(f)["project"]["optional-dependencies"]
     union = {r for name in ("s3", "seaweedfs", "engine", "models", "bench") for r in extras[name]}
     assert set(extras["all"]) == union
-    assert set(extras["dev"]) == union | {"pytest>=8"}
+    assert set(extras["dev"]) == union | {"pytest>=8", "pytest-xdist>=3.5"}
