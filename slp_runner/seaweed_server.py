@@ -68,7 +68,11 @@ class SeaweedServer:
     """One ``weed server -filer -s3`` process with its data in ``data_dir``."""
 
     def __init__(self, data_dir: str, ports: Ports | None = None,
-                 access_key: str = DEFAULT_ACCESS_KEY, secret_key: str = DEFAULT_SECRET_KEY):
+                 access_key: str = DEFAULT_ACCESS_KEY, secret_key: str = DEFAULT_SECRET_KEY, max_volumes: int = 0):
+        # max_volumes=0: weed derives the count from the free disk space / volume size
+        # limit (1 GiB), which may allow only a few dozen volumes; every new bucket grows
+        # 7. Test servers with many buckets give a fixed count (volumes are sparse files).
+        self.max_volumes = max_volumes
         self.data_dir = os.path.abspath(data_dir)
         self.ports = ports or Ports()
         self.access_key = access_key
@@ -91,7 +95,7 @@ class SeaweedServer:
         p = self.ports
         return [
             weed_binary(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data_dir}/data",
-            f"-master.port={p.master}", f"-volume.port={p.volume}", "-volume.max=0", "-volume.preStopSeconds=0",
+            f"-master.port={p.master}", f"-volume.port={p.volume}", f"-volume.max={self.max_volumes}", "-volume.preStopSeconds=0",
             "-master.volumeSizeLimitMB=1024", "-filer", f"-filer.port={p.filer}",
             "-s3", f"-s3.port={p.s3}", f"-s3.config={self.data_dir}/s3.json",
             "-s3.port.iceberg=0", "-s3.port.lance=0",

@@ -13,6 +13,9 @@ from slp_runner.seaweed_server import SeaweedServer, free_ports
 from slp_runner.store import ArtifactStore
 
 BACKEND_NAMES = ["local", "seaweedfs", "s3"]
+# Volumes a test weed may make: each new bucket grows 7, and weed's own default derives
+# the count from free disk space (a few dozen on a fuller disk: then "No writable volumes").
+TEST_MAX_VOLUMES = 700
 TEST_CONF = os.path.join(os.path.dirname(__file__), "conf")  # test pipelines (cycle, failing, ...)
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "slp_runner", "examples", "prompts.jsonl")
 
@@ -36,7 +39,7 @@ def make_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
-    server = SeaweedServer(str(tmp_path_factory.mktemp("seaweed")), free_ports())
+    server = SeaweedServer(str(tmp_path_factory.mktemp("seaweed")), free_ports(), max_volumes=TEST_MAX_VOLUMES)
     server.start()
     yield server
     server.stop(timeout=2)  # throwaway data: no need to wait out weed's 15 s gRPC drain

@@ -14,7 +14,7 @@ import uuid
 import orjson
 import pytest
 
-from conftest import EXAMPLE_PROMPTS, TEST_CONF
+from conftest import EXAMPLE_PROMPTS, TEST_CONF, TEST_MAX_VOLUMES
 from slp_runner import redaction
 from slp_runner.redaction import REDACTED, Redactor, mask_override
 from slp_runner.seaweed_server import SeaweedServer, free_ports
@@ -29,7 +29,8 @@ AWS_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "
 def weed(tmp_path_factory):
     """A SeaweedFS whose S3 gateway accepts only long random credentials."""
     server = SeaweedServer(str(tmp_path_factory.mktemp("weed-secrets")), free_ports(),
-                           access_key="AKIA" + secrets.token_hex(10).upper(), secret_key=secrets.token_urlsafe(30))
+                           access_key="AKIA" + secrets.token_hex(10).upper(), secret_key=secrets.token_urlsafe(30),
+                           max_volumes=TEST_MAX_VOLUMES)
     server.start()
     yield server
     server.stop(timeout=2)
