@@ -45,7 +45,6 @@ import fcntl
 import mmap
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -57,7 +56,7 @@ from .artifacts import KINDS, ArtifactKind
 from .errors import ArtifactNotFound, IntegrityError, OutputError
 from .hashing import OID_RE, WINDOW, StreamHasher, hash_file, validate_oid
 from . import cache_lru
-from .local_output import ensure_room, human, local_write
+from .local_output import create_temp_at, ensure_room, human, local_write, temp_name
 from .manifest import utc_now
 from .store import ArtifactStore
 
@@ -203,7 +202,8 @@ class LocalCache:
         tmp = None
         try:
             with local_write(os.path.dirname(path), size, what):
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{oid[:16]}.", suffix=".part")
+                tmp = temp_name(os.path.dirname(path), f".{oid[:16]}.")  # named first: always removable
+                fd = create_temp_at(tmp)
                 # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
                 # XFS), else the kernel's copy. Never a hard link: editing the cache entry
                 # would then corrupt the store. The result itself is hashed (mmap + threads).

@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
@@ -21,7 +20,7 @@ from .artifacts import KINDS, ArtifactKind
 from .cache import CacheGet, LocalCache
 from .errors import ArtifactNotFound, InputError
 from .hashing import validate_oid
-from .local_output import ensure_room, local_write
+from .local_output import create_temp_at, ensure_room, local_write, temp_name
 from .store import ArtifactStore, ObjectCheck, PutResult
 
 MiB = 1024 * 1024
@@ -183,7 +182,8 @@ def materialize(cached: str, dest: str) -> str:
     tmp = None
     try:
         with local_write(dest, size, os.path.basename(cached)):
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".slp-", suffix=".part")
+            tmp = temp_name(parent, ".slp-")  # named first: a signal cannot leave it unnamed
+            fd = create_temp_at(tmp)
             os.close(fd)
             shutil.copyfile(cached, tmp)  # copy_file_range / sendfile on Linux
             os.chmod(tmp, 0o644)

@@ -57,3 +57,17 @@ def local_write(path: str, needed: int | None, what: str) -> Iterator[None]:
         need = f": it needs {needed} bytes ({human(needed)})" if needed is not None else ""
         reason = "no space left" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else exc.strerror
         raise OutputError(f"{reason} writing {what} to {path}{need}; nothing was kept") from None
+
+
+def temp_name(folder: str, prefix: str, suffix: str = ".part") -> str:
+    """A new temporary file's name in ``folder``. Unlike ``tempfile.mkstemp``, the name
+    is known before the file exists: a caller that stores it first, then creates the
+    file (:func:`create_temp_at`), can always remove it. A signal raised inside mkstemp,
+    after the file was made but before its name came back, left the file behind."""
+    import uuid
+
+    return os.path.join(folder, f"{prefix}{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def create_temp_at(path: str) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
