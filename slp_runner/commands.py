@@ -20,7 +20,7 @@ from .artifacts import KINDS, ArtifactKind
 from .cache import CacheGet, LocalCache
 from .errors import ArtifactNotFound, InputError
 from .hashing import validate_oid
-from .local_output import create_temp_at, ensure_room, local_write, temp_name
+from .local_output import create_temp_at, ensure_room, human, local_write, temp_name
 from .store import ArtifactStore, ObjectCheck, PutResult
 
 MiB = 1024 * 1024
@@ -214,16 +214,6 @@ def verify(store: ArtifactStore, kind: ArtifactKind | None, oid: str, out: TextI
     return check
 
 
-def human_size(n: int) -> str:
-    """1536 -> '1.5 KiB', as ls -h and ollama list show sizes."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
 def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], *, name: str | None = None,
                    out: TextIO = sys.stdout) -> dict[str, Any]:
     """Every stored object of ``kinds``, newest first, with its names (``name:tag``);
@@ -257,9 +247,9 @@ def list_artifacts(store: ArtifactStore, kinds: list[ArtifactKind], *, name: str
         for r in rows:
             when = (r["modified"] or "-").replace("T", " ")[:16]
             print(f"{r['kind']:8} {r['hash'][:12]}  {', '.join(r['names']) or '-':{width}}  "
-                  f"{human_size(r['size']):>10}  {when}", file=out)
+                  f"{human(r['size']):>10}  {when}", file=out)
     what = f"named {name}{':' + tag if tag else ''}" if name else "in " + ", ".join(k.folder for k in kinds)
-    print(f"{len(rows)} artifact{'s' if len(rows) != 1 else ''} {what}, {human_size(total)} "
+    print(f"{len(rows)} artifact{'s' if len(rows) != 1 else ''} {what}, {human(total)} "
           f"({store.backend.name} backend at {store.backend.location})", file=out)
     return {"artifacts": rows, "count": len(rows), "total_size": total, "backend": store.backend.name}
 
@@ -273,14 +263,14 @@ def print_cache(listing, pruned, op: str, root: str, out: TextIO = sys.stdout) -
         print(f"{'KIND':8} {'HASH':12}  {'NAME':{width}}  {'SIZE':>10}  {'LAST USE (UTC)':16}  KEPT", file=out)
         for e in reversed(listing):
             used = datetime.fromtimestamp(e.last_used, timezone.utc).strftime("%Y-%m-%d %H:%M")
-            print(f"{e.kind:8} {e.oid[:12]}  {e.name or '-':{width}}  {human_size(e.size):>10}  {used:16}  "
+            print(f"{e.kind:8} {e.oid[:12]}  {e.name or '-':{width}}  {human(e.size):>10}  {used:16}  "
                   f"{e.pinned or ''}".rstrip(), file=out)
     total = sum(e.size for e in listing)
-    cap = f", cap {human_size(pruned.cap)}" if pruned.cap is not None else ", no cap (cache.max_size)"
-    print(f"{len(listing)} entries, {human_size(total)}{cap} ({root})", file=out)
+    cap = f", cap {human(pruned.cap)}" if pruned.cap is not None else ", no cap (cache.max_size)"
+    print(f"{len(listing)} entries, {human(total)}{cap} ({root})", file=out)
     if op != "list":
         verb = "would evict" if pruned.dry_run else "evicted"
         freed = sum(e.size for e in pruned.evicted)
         tail = " (dry run: apply=true evicts them)" if pruned.dry_run else ""
-        print(f"{op}: {verb} {len(pruned.evicted)} entries, {human_size(freed)}; "
-              f"{human_size(pruned.kept_pinned)} pinned or in use{tail}", file=out)
+        print(f"{op}: {verb} {len(pruned.evicted)} entries, {human(freed)}; "
+              f"{human(pruned.kept_pinned)} pinned or in use{tail}", file=out)
