@@ -12,7 +12,7 @@ import pytest
 from slp_runner.bench.storage import MiB, Series
 from slp_runner.bench.sweep import build_figure, collect, write_job_result, write_summary
 
-matplotlib = pytest.importorskip("matplotlib")
+import matplotlib  # noqa: E402  (the dev extra installs it: a missing one must fail, not skip)
 
 SPEED = {"local": 900.0, "seaweedfs": 250.0, "s3": 150.0}  # MiB/s
 REFERENCE = {"local": "plain copy", "seaweedfs": "curl (single stream)", "s3": "boto3"}
