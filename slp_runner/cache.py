@@ -47,10 +47,9 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import orjson
-from filelock import FileLock
-from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from .artifacts import KINDS, ArtifactKind
 from .errors import ArtifactNotFound, IntegrityError, OutputError
@@ -58,7 +57,11 @@ from .hashing import OID_RE, WINDOW, StreamHasher, hash_file, validate_oid
 from . import cache_lru
 from .local_output import create_temp_at, ensure_room, human, local_write, temp_name
 from .manifest import utc_now
-from .store import ArtifactStore
+
+if TYPE_CHECKING:  # a hit touches neither: only a download imports them
+    from fsspec.callbacks import Callback
+
+    from .store import ArtifactStore
 
 
 @dataclass
@@ -121,7 +124,7 @@ class LocalCache:
         oid: str,
         *,
         full_verify: bool = False,
-        callback: Callback = DEFAULT_CALLBACK,
+        callback: Callback | None = None,
         name: str | None = None,
     ) -> CacheGet:
         """Return a local, verified copy of ``oid``, downloading it only if needed. The
@@ -149,6 +152,8 @@ class LocalCache:
             ensure_room(self.root, size, f"{kind.name} {oid}")
         with local_write(self.root, size, f"{kind.name} {oid}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+        from filelock import FileLock  # the hit above takes no lock
+
         with FileLock(path + ".lock"):
             repaired = False
             if os.path.exists(path):
@@ -194,7 +199,10 @@ class LocalCache:
         return "rehash"
 
     def _download(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int,
-                  callback: Callback) -> _Fetched:
+                  callback: Callback | None) -> _Fetched:
+        from fsspec.callbacks import DEFAULT_CALLBACK
+
+        callback = callback or DEFAULT_CALLBACK
         what = f"{kind.name} {oid}"
         if not store.backend.local_paths:
             return self._fetch_resumable(store, kind, oid, path, size, callback)

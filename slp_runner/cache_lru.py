@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
-from filelock import FileLock, Timeout
 
 from .artifacts import KINDS, ArtifactKind
 from .errors import ConfigError
@@ -282,6 +281,8 @@ def prune(root: str, cap: int | None, *, runs_dir: str | None = None, keep_runs:
 
 def evict(path: str) -> bool:
     """Remove one entry unless a get of it is in progress or a process holds it."""
+    from filelock import FileLock, Timeout  # evictions only: a hit takes no lock
+
     lock = FileLock(path + ".lock", timeout=0)
     try:
         lock.acquire()

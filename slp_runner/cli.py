@@ -177,6 +177,8 @@ def hydra_error_line(exc: BaseException) -> str:
 def answer_without_hydra(argv: list[str]) -> str | None:
     """``--version``, ``--help`` (of slp, a task or a pipeline) and ``--completion``:
     the text to print, or None when Hydra is to run. ``--hydra-help`` is Hydra's."""
+    if not any(a in ("--version", "-V", "--completion", "--help", "-h") for a in argv):
+        return None
     from . import cli_help
 
     if "--version" in argv or "-V" in argv:
@@ -216,6 +218,33 @@ def composition_error_line(exc: BaseException, argv: list[str]) -> str:
     return hydra_error_line(exc)
 
 
+def run_reporting_errors(cfg) -> None:
+    """Run the task ``cfg`` names; its error is one line (exit 1), or, for one job of a
+    sweep, recorded in the job's folder while the other jobs go on."""
+    from .tasks import multirun_job_dir, run_task
+
+    try:
+        run_task(cfg)
+    except Exception as exc:
+        if _TRACE:  # a developer's view: the whole traceback
+            raise
+        from .pipeline import from_config
+
+        message = from_config.redactor(cfg).text(user_error_line(exc))
+        print(f"slp: error: {message}", file=sys.stderr)
+        job_dir = multirun_job_dir()
+        if job_dir:  # one failed job of a sweep: record it, let the others run
+            from .bench import sweep
+            from .tasks import job_overrides
+
+            sweep.write_job_result(job_dir, {"status": "failed", "error": message, "overrides": job_overrides()},
+                                   from_config.redactor(cfg))
+            return
+        raise SystemExit(1) from None
+    except KeyboardInterrupt as exc:
+        _exit_interrupted(exc)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
@@ -227,9 +256,6 @@ def main() -> None:
     except (SlpError, KeyError) as exc:
         print(f"slp: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    sys.argv[1:] = quote_string_values(argv)
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     # Hydra prints its own errors over several lines, then exits; told to raise them
     # instead, they are reported here in one. A user who set the variable gets the trace.
@@ -237,22 +263,41 @@ def main() -> None:
     wants_trace = _TRACE = "HYDRA_FULL_ERROR" in os.environ or bool(os.environ.get("SLP_TRACE"))
     os.environ["HYDRA_FULL_ERROR"] = "1"
     _stop_on_signals()
-    try:
-        from .app import hydra_main
+    from . import compose
 
-        hydra_main()
-    except (HydraException, OmegaConfBaseException) as exc:
-        if wants_trace:
-            raise
-        print(f"slp: error: {_mask_argv_secrets(composition_error_line(exc, argv), argv)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except OSError as exc:  # this machine's files: a full disk, a folder that cannot be made
-        if wants_trace:
-            raise
-        print(f"slp: error: {_mask_argv_secrets(user_error_line(exc), argv)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt as exc:  # a signal while Hydra composes the config
+    try:
+        if compose.is_single_run(argv):  # composed once (or read back), without Hydra's main
+            from . import tasks
+
+            composed = compose.compose_single(argv, quote_string_values)
+            tasks.single_run_overrides = composed.overrides
+            run_reporting_errors(composed.config)
+        else:  # a sweep, or Hydra's own flags
+            sys.argv[1:] = quote_string_values(argv)
+            from .app import hydra_main
+
+            hydra_main()
+    except KeyboardInterrupt as exc:  # a signal while the config is composed
         _exit_interrupted(exc)
+    except Exception as exc:
+        if wants_trace:
+            raise
+        if _is_config_error(exc):
+            print(f"slp: error: {_mask_argv_secrets(composition_error_line(exc, argv), argv)}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if isinstance(exc, OSError):  # this machine's files: a full disk, a folder that cannot be made
+            print(f"slp: error: {_mask_argv_secrets(user_error_line(exc), argv)}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+
+
+def _is_config_error(exc: BaseException) -> bool:
+    """A Hydra or OmegaConf error (composition, an override), without importing Hydra
+    when it never ran."""
+    hydra_errors = sys.modules.get("hydra.errors")
+    omegaconf_errors = sys.modules.get("omegaconf.errors")
+    return bool((hydra_errors and isinstance(exc, hydra_errors.HydraException))
+                or (omegaconf_errors and isinstance(exc, omegaconf_errors.OmegaConfBaseException)))
 
 
 def _mask_argv_secrets(message: str, argv: list[str]) -> str:

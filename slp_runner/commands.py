@@ -12,27 +12,32 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, TextIO
-
-from fsspec.callbacks import DEFAULT_CALLBACK, TqdmCallback
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
 from .artifacts import KINDS, ArtifactKind
 from .cache import CacheGet, LocalCache
 from .errors import ArtifactNotFound, InputError
 from .hashing import validate_oid
 from .local_output import create_temp_at, ensure_room, human, local_write, temp_name
-from .store import ArtifactStore, ObjectCheck, PutResult
+
+if TYPE_CHECKING:  # a cache hit never imports the store, its backends or fsspec
+    from fsspec.callbacks import Callback
+
+    from .store import ArtifactStore, ObjectCheck, PutResult
 
 MiB = 1024 * 1024
 PROGRESS_MIN_BYTES = 16 * MiB
 
 
-def progress_callback(enabled: bool | str, total: int | None, desc: str):
-    """A tqdm progress bar on stderr for large transfers (``auto``: only on a terminal)."""
+def progress_callback(enabled: bool | str, total: int | None, desc: str) -> Callback | None:
+    """A tqdm progress bar on stderr for large transfers (``auto``: only on a terminal);
+    None when there is to be none."""
     if enabled == "auto":
         enabled = sys.stderr.isatty()
     if not enabled or (total is not None and total < PROGRESS_MIN_BYTES):
-        return DEFAULT_CALLBACK
+        return None
+    from fsspec.callbacks import TqdmCallback
+
     return TqdmCallback(tqdm_kwargs={"desc": desc, "unit": "B", "unit_scale": True, "unit_divisor": 1024,
                                      "file": sys.stderr, "leave": False})
 
@@ -59,11 +64,13 @@ def put(
     say(f"Uploading {kind.name}: {os.path.basename(path)}")
     if size is not None:
         say(f"Size: {size / MiB:.1f} MiB ({size} bytes)")
+    from fsspec.callbacks import DEFAULT_CALLBACK  # loaded with the store already
+
     cb = progress_callback(progress, size, f"put {kind.name}")
-    with cb if cb is not DEFAULT_CALLBACK else contextlib.nullcontext():
+    with cb or contextlib.nullcontext():
         result = store.put(path, kind, name=name, source=source, provenance=provenance, sha256=sha256,
-                           tool=f"slp put_{kind.name}", callback=cb, verify_existing=verify_existing,
-                           expect_oid=expect_oid)
+                           tool=f"slp put_{kind.name}", callback=cb or DEFAULT_CALLBACK,
+                           verify_existing=verify_existing, expect_oid=expect_oid)
     say(f"Hash (BLAKE3): {result.oid} ({result.hash_seconds:.2f} s)")
     if result.sha256:
         say(f"SHA256: {result.sha256}")
@@ -142,7 +149,7 @@ def get(
     validate_oid(oid)
     kind = kind or store.find_kind(oid)
     cb = progress_callback(progress, None, f"get {kind.name}")
-    with cb if cb is not DEFAULT_CALLBACK else contextlib.nullcontext():
+    with cb or contextlib.nullcontext():
         got = cache.get(store, kind, oid, full_verify=full_verify, callback=cb, name=name)
     if got.repaired:
         say(f"Cache entry for {oid} was corrupt: removed and fetched again")

@@ -24,14 +24,23 @@ import difflib
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .artifacts import KINDS, ArtifactKind, kind_named
 from .errors import ArtifactNotFound, InputError, IntegrityError
 from .hashing import validate_oid
-from .store import ArtifactStore, backend_errors
+
+if TYPE_CHECKING:
+    from .store import ArtifactStore
+
+
+def backend_errors(backend, what: str):
+    """The store's translation of backend failures, imported only when a ref is read or written."""
+    from .store import backend_errors as translate
+
+    return translate(backend, what)
 
 REFS = "refs"
 MIN_PREFIX = 8

@@ -23,7 +23,6 @@ from . import manifest as manifests
 from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
 from .backends import Backend
 from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
-from .gguf_header import read_gguf_metadata
 from .hashing import FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
 from .redaction import mask_names
@@ -299,6 +298,8 @@ class ArtifactStore:
 
     def _inspect(self, local_path: str, kind: ArtifactKind) -> dict[str, Any]:
         if kind is MODEL:
+            from .gguf_header import read_gguf_metadata  # gguf and numpy: only to read a header
+
             return read_gguf_metadata(local_path)
         if kind is PROMPTS:
             return {"record_count": count_prompt_records(local_path)}

@@ -14,14 +14,18 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TextIO
 
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig, OmegaConf
 
-from . import commands, refs
 from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind, kind_named
-from .backends import Backend
-from .cache import LocalCache
 from .errors import ConfigError, SlpError
-from .store import ArtifactStore
+
+if TYPE_CHECKING:  # imported when a task needs them: a cache hit never loads a backend
+    from . import refs
+    from .backends import Backend
+    from .cache import LocalCache
+    from .store import ArtifactStore
 
 FORMATS = ("text", "json")
 
@@ -33,8 +37,50 @@ class Report:
 
 
 def build_backend(cfg: DictConfig) -> Backend:
+    """The backend ``cfg.backend`` declares: its ``_target_`` called with its other keys.
+    A flat declaration (every backend slp ships) is called directly; one with nested
+    targets or Hydra's ``_args_``/``_partial_`` goes through Hydra's instantiate."""
     if "_target_" not in cfg.backend:
         raise ConfigError("backend config has no _target_")
+    target = str(cfg.backend._target_)
+    spec = OmegaConf.to_container(cfg.backend, resolve=True)
+    hydra_only = any(k.startswith("_") and k != "_target_" for k in spec)
+    if hydra_only or any(_nested_target(v) for v in spec.values()):
+        return _instantiate_with_hydra(cfg, target)
+    spec.pop("_target_")
+    try:
+        factory = _locate(target)
+        return factory(**spec)
+    except SlpError:  # the factory's own one-line error (a missing extra, ...)
+        raise
+    except Exception as exc:
+        raise ConfigError(f"backend._target_ {target!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") \
+            from None
+
+
+def _nested_target(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "_target_" in value or any(_nested_target(v) for v in value.values())
+    return isinstance(value, list) and any(_nested_target(v) for v in value)
+
+
+def _locate(path: str) -> Callable[..., Backend]:
+    """``package.module.name`` -> the object (Hydra's ``_locate``, without importing Hydra)."""
+    import importlib
+
+    module, _, name = path.rpartition(".")
+    if not module:
+        raise ImportError(f"Error locating target '{path}': give package.module.function")
+    try:
+        found = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ImportError(f"Error locating target '{path}': {exc}") from None
+    if not callable(found):
+        raise TypeError(f"'{path}' is not callable")
+    return found
+
+
+def _instantiate_with_hydra(cfg: DictConfig, target: str) -> Backend:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
@@ -47,14 +93,17 @@ def build_backend(cfg: DictConfig) -> Backend:
         # which names the target and the error.
         cause = exc.__cause__
         reason = f"{type(cause).__name__}: {cause}" if cause else str(exc).strip().splitlines()[0]
-        raise ConfigError(f"backend._target_ {cfg.backend._target_!r}: {reason.splitlines()[0]}") from None
+        raise ConfigError(f"backend._target_ {target!r}: {reason.splitlines()[0]}") from None
 
 
 def build_store(cfg: DictConfig) -> ArtifactStore:
+    from .store import ArtifactStore
+
     return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing)
 
 
 def open_cache(cfg: DictConfig) -> LocalCache:
+    from .cache import LocalCache
     from .cache_lru import parse_size
 
     section = cfg.get("cache") or {}
@@ -82,11 +131,15 @@ REF_HELP = "hash=<hash, 8+ hex prefix, or name[:tag]>"
 
 
 def _resolve(cfg: DictConfig, store: ArtifactStore, kind: ArtifactKind | None) -> refs.Resolved:
+    from . import refs
+
     return refs.resolve(store, _need(cfg.hash, REF_HELP), kind)
 
 
 def _name_and_tag(name: Any, tag: Any) -> tuple[str | None, str | None]:
     """``model.name=gemma:q4`` or ``model.name=gemma model.tag=q4``."""
+    from . import refs
+
     if name in (None, ""):
         if tag not in (None, ""):
             raise ConfigError(f"tag={tag} needs a name to tag")
@@ -120,6 +173,8 @@ def _put_json(result, store: ArtifactStore) -> dict[str, Any]:
 
 def _put(section_key: str | None, kind_fixed: ArtifactKind | None = None) -> Callable[[DictConfig, TextIO], Report]:
     def run(cfg: DictConfig, out: TextIO) -> Report:
+        from . import commands
+
         if kind_fixed is not None:
             section = cfg[section_key]
             path = _need(section.path, f"{section_key}.path=<file>")
@@ -139,9 +194,12 @@ def _put(section_key: str | None, kind_fixed: ArtifactKind | None = None) -> Cal
 
 def _get(kind_fixed: ArtifactKind | None = None) -> Callable[[DictConfig, TextIO], Report]:
     def run(cfg: DictConfig, out: TextIO) -> Report:
-        store = build_store(cfg)
-        found = _resolve(cfg, store, kind_fixed or _kind(cfg))
-        fetched = commands.get(store, open_cache(cfg), found.kind, found.oid, dest=cfg.out,
+        from . import commands
+
+        cache, store = open_cache(cfg), StoreOnDemand(cfg)
+        kind = kind_fixed or _kind(cfg)
+        found = _cached_full_hash(cfg, cache, kind) or _resolve(cfg, store, kind)
+        fetched = commands.get(store, cache, found.kind, found.oid, dest=cfg.out,
                                full_verify=cfg.full_verify, progress=cfg.progress, out=out,
                                name=found.given if found.via == "name" else None)
         got = fetched.cached
@@ -153,7 +211,40 @@ def _get(kind_fixed: ArtifactKind | None = None) -> Callable[[DictConfig, TextIO
     return run
 
 
+class StoreOnDemand:
+    """The store ``cfg`` declares, built at its first use: a get the cache answers
+    never imports a backend's libraries or opens a connection."""
+
+    def __init__(self, cfg: DictConfig):
+        self._cfg, self._store = cfg, None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._store is None:
+            self._store = build_store(self._cfg)
+        return getattr(self._store, name)
+
+
+def _cached_full_hash(cfg: DictConfig, cache: LocalCache, kind: ArtifactKind | None) -> refs.Resolved | None:
+    """A full hash whose kind this cache knows (or was given) resolves here, without the
+    backend; a prefix or a name is resolved by the store (another object may share it)."""
+    from .hashing import OID_RE
+    from .refs import Resolved
+
+    given = str(_need(cfg.hash, REF_HELP)).strip()
+    if not OID_RE.fullmatch(given.lower()):
+        return None
+    oid = given.lower()
+    if kind is None:
+        held = [k for k in KINDS.values() if os.path.exists(cache.path_for(k, oid))]
+        if len(held) != 1:
+            return None
+        kind = held[0]
+    return Resolved(oid, kind, given, "hash")
+
+
 def _repair(cfg: DictConfig, out: TextIO) -> Report:
+    from . import commands
+
     store = build_store(cfg)
     found = _resolve(cfg, store, _kind(cfg))
     result = commands.repair(store, found.kind, found.oid, _need(cfg.path, "path=<local file with the right bytes>"),
@@ -162,12 +253,16 @@ def _repair(cfg: DictConfig, out: TextIO) -> Report:
 
 
 def _show(cfg: DictConfig, out: TextIO) -> Report:
+    from . import commands
+
     store = build_store(cfg)
     found = _resolve(cfg, store, _kind(cfg))
     return Report(commands.show(store, found.kind, found.oid, out=out))
 
 
 def _verify(cfg: DictConfig, out: TextIO) -> Report:
+    from . import commands
+
     store = build_store(cfg)
     found = _resolve(cfg, store, _kind(cfg))
     check = commands.verify(store, found.kind, found.oid, out=out)
@@ -176,6 +271,8 @@ def _verify(cfg: DictConfig, out: TextIO) -> Report:
 
 
 def _ls(cfg: DictConfig, out: TextIO) -> Report:
+    from . import commands
+
     kinds = [kind_named(cfg.kind)] if cfg.kind else list(KINDS.values())
     name = cfg.get("name")
     listing = commands.list_artifacts(build_store(cfg), kinds, name=str(name) if name else None, out=out)
@@ -183,6 +280,8 @@ def _ls(cfg: DictConfig, out: TextIO) -> Report:
 
 
 def _tag(cfg: DictConfig, out: TextIO) -> Report:
+    from . import refs
+
     store = build_store(cfg)
     name, tag = _name_and_tag(_need(cfg.get("name"), "name=<name[:tag]>"), cfg.get("tag"))
     found = _resolve(cfg, store, _kind(cfg))
@@ -200,6 +299,8 @@ def _tag(cfg: DictConfig, out: TextIO) -> Report:
 
 
 def _untag(cfg: DictConfig, out: TextIO) -> Report:
+    from . import refs
+
     store = build_store(cfg)
     name, tag = _name_and_tag(_need(cfg.get("name"), "name=<name:tag>"), cfg.get("tag"))
     ref = refs.remove_ref(store, f"{name}:{tag}" if tag else name)
@@ -231,6 +332,8 @@ def _gc(cfg: DictConfig, out: TextIO) -> Report:
 
 
 def _cache(cfg: DictConfig, out: TextIO) -> Report:
+    from . import commands
+
     from .cache_lru import prune
 
     cache = open_cache(cfg)
@@ -295,7 +398,14 @@ def _local_or_resolved(cfg: DictConfig, cache: LocalCache) -> tuple[ArtifactKind
 # -- run tasks ----------------------------------------------------------------
 
 
+# The overrides of a single run that slp composed itself (:mod:`.compose`), as Hydra
+# records them; None under Hydra's main (a sweep), where HydraConfig has them.
+single_run_overrides: list[str] | None = None
+
+
 def job_overrides() -> list[str]:
+    if single_run_overrides is not None:
+        return list(single_run_overrides)
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -306,6 +416,8 @@ def job_overrides() -> list[str]:
 
 def multirun_job_dir() -> str | None:
     """This job's folder when running under ``-m`` (a sweep), else None."""
+    if single_run_overrides is not None:
+        return None
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -1,0 +1,222 @@
+"""The config of a single run, composed once and remembered.
+
+Hydra's ``@hydra.main`` composes a config twice (once to learn the run mode, once to
+run) and ``import hydra`` alone costs about a third of a second: most of what a user
+felt of ``slp task=get`` on a warm cache. So a single run (no ``-m``, no ``--flag``,
+no ``hydra.*`` override) is composed here with Hydra's Compose API, once, and the
+composed config is kept in a small file; the same command line next time loads that
+file with OmegaConf and never imports Hydra.
+
+What the composed config depends on is the key of its file: the command line, this
+package's version and Python's, the files of the config folder and the modules that
+shape composition (their sizes and modification times), and Hydra's and OmegaConf's
+installed modules. Interpolations (``${oc.env:...}``, the example resolvers) are kept
+unresolved, so the environment and the working folder are read when the run reads
+them, as under Hydra. A file whose digest does not match its content (edited,
+truncated) is composed again and replaced. A command line or a config holding a
+secret (a secret-named key, a password in a URL) is never written down: it is
+composed each time. ``SLP_COMPOSE_CACHE=off`` turns the files off; a folder path
+moves them (default ``$XDG_CACHE_HOME/slp-runner/compose``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from . import __version__
+
+FORMAT = 1
+KEEP = 256  # entries; the oldest go first
+# key=value, +key=value, ++key=value, ~key[=value]: what a single run may be given
+_OVERRIDE = re.compile(r"^(\+{1,2}|~)?(?P<key>[A-Za-z_][\w.\-@/]*)(=.*)?$", re.S)
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+CONF_DIR = os.path.join(_PACKAGE, "conf")
+# Modules whose code decides what a command line composes to.
+_SHAPING = [os.path.join(_PACKAGE, f) for f in ("schema.py", "cli.py", "compose.py")]
+
+
+@dataclass
+class Composed:
+    config: Any  # DictConfig
+    overrides: list[str]  # the overrides as Hydra recorded them (hydra.overrides.task)
+    cached: bool  # loaded from a file, Hydra not imported
+
+
+def is_single_run(argv: list[str]) -> bool:
+    """Only overrides, none of Hydra's own: the Compose API composes exactly what
+    ``@hydra.main`` would for it."""
+    for arg in argv:
+        m = _OVERRIDE.match(arg)
+        if not m or m.group("key").split(".")[0].split("/")[0] == "hydra":
+            return False
+    return True
+
+
+def cache_dir() -> str | None:
+    setting = os.environ.get("SLP_COMPOSE_CACHE", "")
+    if setting.lower() in ("off", "0", "false", "no"):
+        return None
+    if setting:
+        return os.path.abspath(os.path.expanduser(setting))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "slp-runner", "compose")
+
+
+def _stat(path: str | None) -> list:
+    if not path:
+        return [None]
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path, None]
+    return [path, st.st_size, st.st_mtime_ns]
+
+
+def _module_file(name: str) -> str | None:
+    from importlib.util import find_spec
+
+    with contextlib.suppress(ImportError, ValueError):
+        spec = find_spec(name)
+        return spec.origin if spec else None
+    return None
+
+
+def _tree(root: str) -> list:
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if name.endswith((".yaml", ".yml")):
+                out.append(_stat(os.path.join(folder, name)))
+    return out
+
+
+def key_of(argv: list[str], conf_dir: str = CONF_DIR) -> str:
+    from blake3 import blake3
+
+    parts = [FORMAT, __version__, sys.version, sys.executable, argv, _tree(conf_dir),
+             [_stat(p) for p in _SHAPING], _stat(_module_file("hydra")), _stat(_module_file("omegaconf"))]
+    return blake3(orjson.dumps(parts)).hexdigest()
+
+
+def _digest(body: bytes) -> str:
+    from blake3 import blake3
+
+    return blake3(body).hexdigest()
+
+
+def load(path: str) -> tuple[dict, list[str]] | None:
+    """The config and overrides a cache file holds, or None (absent, damaged, stale format)."""
+    try:
+        with open(path, "rb") as f:
+            doc = orjson.loads(f.read())
+        body = orjson.dumps([doc["config"], doc["overrides"]], option=orjson.OPT_SORT_KEYS)
+        if doc.get("format") != FORMAT or doc.get("digest") != _digest(body):
+            return None
+        return doc["config"], list(doc["overrides"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def holds_secret(container: Any, overrides: list[str]) -> bool:
+    from .redaction import mask_override, url_passwords, values_under_secret_names
+
+    literal = [v for v in values_under_secret_names(container) if "${" not in str(v)]
+    return bool(literal or url_passwords(container) or url_passwords(overrides)
+                or any(mask_override(o) != o for o in overrides))
+
+
+def save(path: str, container: dict, overrides: list[str]) -> None:
+    """Write the entry atomically; a cache that cannot be written is only skipped."""
+    from .local_output import temp_name
+
+    body = orjson.dumps([container, overrides], option=orjson.OPT_SORT_KEYS)
+    doc = orjson.dumps({"format": FORMAT, "digest": _digest(body), "config": container, "overrides": overrides})
+    folder = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = temp_name(folder, ".compose-")
+        with open(tmp, "xb") as f:
+            f.write(doc)
+        os.replace(tmp, path)
+        tmp = None
+        _prune(folder)
+    except OSError:
+        pass
+    finally:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _prune(folder: str) -> None:
+    entries = []
+    for name in os.listdir(folder):
+        if name.endswith(".json"):
+            with contextlib.suppress(OSError):
+                entries.append((os.stat(os.path.join(folder, name)).st_mtime_ns, name))
+    for _, name in sorted(entries)[:-KEEP]:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
+
+
+def _as_config(container: dict):
+    from omegaconf import OmegaConf
+
+    from .examples import register_resolvers
+
+    register_resolvers()
+    cfg = OmegaConf.create(container)
+    OmegaConf.set_struct(cfg, True)  # a misspelt key read by the code fails, as under Hydra
+    return cfg
+
+
+def compose_with_hydra(overrides: list[str]) -> tuple[dict, list[str]]:
+    """One composition through Hydra's Compose API: the config (interpolations kept) and
+    the overrides as Hydra records them."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from .examples import register_resolvers
+    from .schema import register as register_schema
+
+    register_resolvers()
+    register_schema()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="slp"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        recorded = [str(o) for o in cfg.hydra.overrides.task]
+        with _open_struct(cfg):
+            del cfg["hydra"]
+    return OmegaConf.to_container(cfg, resolve=False), recorded
+
+
+@contextlib.contextmanager
+def _open_struct(cfg):
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        yield
+
+
+def compose_single(argv: list[str], quote) -> Composed:
+    """The config of ``slp <argv>`` for a single run: from its cache file when there is a
+    sound one, else composed by Hydra once (``quote`` turns argv into Hydra's overrides)
+    and written down unless it holds a secret."""
+    folder = cache_dir()
+    path = os.path.join(folder, key_of(argv) + ".json") if folder else None
+    found = load(path) if path and os.path.exists(path) else None
+    if found is not None:
+        container, overrides = found
+        return Composed(_as_config(container), overrides, True)
+    container, overrides = compose_with_hydra(quote(argv))
+    if path and not holds_secret(container, overrides):
+        save(path, container, overrides)
+    return Composed(_as_config(container), overrides, False)

@@ -1,0 +1,149 @@
+"""A single run's config is composed once and read back next time without Hydra: the
+same answers either way, and a stale, damaged or secret-bearing entry is never used."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from slp_runner import compose
+
+SLP = os.path.join(os.path.dirname(sys.executable), "slp")
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = dict(os.environ)
+    e.update(SLP_STORE_ROOT=str(tmp_path / "store"), SLP_CACHE_DIR=str(tmp_path / "cache"),
+             SLP_COMPOSE_CACHE=str(tmp_path / "compose"))
+    e.pop("SLP_TRACE", None)
+    return e
+
+
+def slp(env, *args, importtime=False):
+    cmd = [sys.executable, *(["-X", "importtime"] if importtime else []), SLP, *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def imported(result) -> set[str]:
+    """The modules a ``python -X importtime`` run imported."""
+    return {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+            and "|" in line}
+
+
+def entries(env) -> list[str]:
+    folder = env["SLP_COMPOSE_CACHE"]
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_second_run_skips_hydra_and_answers_the_same(env, tmp_path):
+    (tmp_path / "f.bin").write_bytes(os.urandom(4096))
+    put = slp(env, "task=put", "kind=blob", f"path={tmp_path / 'f.bin'}", "format=json")
+    assert put.returncode == 0, put.stderr
+    oid = json.loads(put.stdout)["hash"]
+    first = slp(env, "task=get", f"hash={oid}", "format=json", importtime=True)
+    assert first.returncode == 0, first.stderr
+    assert "hydra" in imported(first)  # composed by Hydra, once
+    second = slp(env, "task=get", f"hash={oid}", "format=json", importtime=True)
+    assert second.returncode == 0, second.stderr
+    mods = imported(second)
+    # read back: no Hydra; a cache hit: no backend library either
+    assert not {"hydra", "fsspec", "requests", "s3fs", "gguf", "numpy", "slp_runner.store"} & mods
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert b["cache_hit"] and b["hash"] == a["hash"] == oid and b["path"] == a["path"]
+
+
+def test_typed_values_survive_the_round_trip(env):
+    """runner.force=no is False from Hydra's schema; read back it must still be False."""
+    for _ in range(2):
+        got = slp(env, "task=runs", "runner.force=no", "runner.workers=3", "--cfg", "job")  # Hydra's own view
+        assert got.returncode == 0, got.stderr
+    config, overrides = compose.compose_with_hydra(["task=runs", "runner.force=no", "runner.workers=3"])
+    assert config["runner"]["force"] is False and config["runner"]["workers"] == 3
+    assert overrides == ["task=runs", "runner.force=no", "runner.workers=3"]
+    path = os.path.join(env["SLP_COMPOSE_CACHE"], "x.json")
+    compose.save(path, config, overrides)
+    assert compose.load(path) == (config, overrides)
+
+
+def test_edited_entry_is_composed_again(env, tmp_path):
+    (tmp_path / "f.bin").write_bytes(os.urandom(4096))
+    env_put = dict(env, SLP_COMPOSE_CACHE="off")
+    assert slp(env_put, "task=put", "kind=blob", f"path={tmp_path / 'f.bin'}").returncode == 0
+    ls = slp(env, "task=ls", "format=json")
+    assert ls.returncode == 0, ls.stderr
+    assert json.loads(ls.stdout)["count"] == 1
+    (entry,) = entries(env)
+    doc = json.loads(open(entry).read())
+    doc["config"]["backend"]["root"] = str(tmp_path / "elsewhere")  # valid JSON, wrong content
+    with open(entry, "w") as f:
+        json.dump(doc, f)
+    again = slp(env, "task=ls", "format=json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == json.loads(ls.stdout)  # the store in SLP_STORE_ROOT, not "elsewhere"
+    assert not (tmp_path / "elsewhere").exists()
+    assert compose.load(entry) is not None  # rewritten whole
+
+    with open(entry, "r+b") as f:  # truncated
+        f.truncate(40)
+    third = slp(env, "task=ls", "format=json")
+    assert third.returncode == 0 and json.loads(third.stdout) == json.loads(again.stdout)
+
+
+def test_config_change_invalidates(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(compose.CONF_DIR, conf)
+    before = compose.key_of(["task=ls"], str(conf))
+    assert compose.key_of(["task=ls"], str(conf)) == before
+    assert compose.key_of(["task=ls", "format=json"], str(conf)) != before
+    yaml = conf / "backend" / "local.yaml"
+    yaml.write_text(yaml.read_text() + "\n# edited\n")
+    assert compose.key_of(["task=ls"], str(conf)) != before
+
+
+def test_secrets_are_never_written_down(env, tmp_path):
+    secret = "s3cr3t-Value-0042"
+    got = slp(env, "task=ls", f"+backend.secret={secret}")
+    # the local backend takes no secret: the error is the point only in that it ran
+    assert secret not in got.stdout + got.stderr
+    got = slp(env, "task=ls", f"+provenance.api_token={secret}")
+    assert got.returncode == 0, got.stderr
+    got = slp(env, "task=ls", f"backend.root=http://user:{secret}@host/x")
+    for path in entries(env):
+        assert secret not in open(path).read()
+    assert entries(env) == []  # none of the three was kept
+
+
+def test_sweeps_and_hydra_flags_go_through_hydra():
+    assert compose.is_single_run(["task=get", "hash=abc", "+provenance.x=1", "~other", "backend=s3"])
+    for argv in (["-m", "task=ls"], ["task=ls", "--cfg", "job"], ["task=ls", "hydra.searchpath=[file:///x]"],
+                 ["--info"], ["task=ls", "hydra/job_logging=default"]):
+        assert not compose.is_single_run(argv), argv
+
+
+def test_unwritable_cache_still_runs(env, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    env["SLP_COMPOSE_CACHE"] = str(blocker / "compose")
+    got = slp(env, "task=ls")
+    assert got.returncode == 0, got.stderr
+    env["SLP_COMPOSE_CACHE"] = "off"
+    got = slp(env, "task=ls", importtime=True)
+    assert got.returncode == 0 and "hydra" in imported(got)
+
+
+def test_pipeline_run_records_its_overrides_on_both_paths(env, tmp_path):
+    """A run composed by slp records the overrides Hydra would have (reproduce needs them)."""
+    runs = tmp_path / "runs"
+    args = ["pipeline=store_prompts", f"runner.runs_dir={runs}", "runner.force=true"]
+    for _ in range(2):
+        got = slp(env, *args)
+        assert got.returncode == 0, got.stderr
+    manifests = sorted(runs.glob("*/manifest.json"))
+    assert len(manifests) == 2
+    for m in manifests:
+        doc = json.loads(m.read_text())
+        assert doc["overrides"] == args
