@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	@# An editable install leaves the package uncompiled, and a shell with
+	@# PYTHONDONTWRITEBYTECODE=1 never caches it: every slp would compile it again.
+	$(PY) -m compileall -q slp_runner
 	touch $@
 
 install: $(STAMP)

@@ -282,15 +282,20 @@ class LocalCache:
                 out.truncate(kept)  # a torn last write beyond what was counted goes
                 out.seek(kept)
 
+            writer = _HashingWriter(out, hasher)
+
             def sink(chunk: bytes) -> None:
-                hasher.update(chunk)
                 # Inside the backend's error mapping: a full local disk must be reported
                 # as what it is, not as the backend failing.
                 with local_write(self.root, size, what):
-                    out.write(chunk)
+                    writer.put(chunk)
                 callback.relative_update(len(chunk))
 
-            store.stream_object(store.object_path(kind, oid), sink, offset=kept, on_resume=resumed)
+            try:
+                store.stream_object(store.object_path(kind, oid), sink, offset=kept, on_resume=resumed)
+            finally:  # the partial file then holds exactly what was hashed: a prefix, in order
+                with local_write(self.root, size, what):
+                    writer.close()
             with local_write(self.root, size, what):
                 out.flush()
         return hasher.digest(), reconnects
@@ -323,6 +328,51 @@ class LocalCache:
         except OSError:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+class _HashingWriter:
+    """Hash and write a download's chunks on a worker thread, in order, while the next
+    chunk is received: BLAKE3, the write and the socket read all release the GIL, so
+    the three overlap instead of taking turns. At most ``depth`` chunks wait (memory
+    stays flat); the worker's error (a full disk) is raised in the caller's thread."""
+
+    def __init__(self, out, hasher: StreamHasher, depth: int = 8):
+        import queue
+        import threading
+
+        self._out, self._hasher = out, hasher
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="slp-hash-write", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if self._error is not None:
+                continue  # drain: the caller stops at its next put
+            try:
+                self._hasher.update(chunk)
+                self._out.write(chunk)
+            except BaseException as exc:
+                self._error = exc
+
+    def put(self, chunk) -> None:
+        if self._error is not None:
+            raise self._error
+        # Held until the worker gets to it: a reader that reuses its buffer hands a copy.
+        self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
+
+    def close(self) -> None:
+        """Wait for every chunk put so far to be hashed and written (or the first error)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 @dataclass
