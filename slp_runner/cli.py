@@ -14,6 +14,7 @@ Errors a user can cause print one line, ``slp: error: ...``, and exit 1.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from .errors import ConfigError, SlpError
@@ -127,29 +128,40 @@ STRING_KEYS = {"hash", "model.hash", "prompts.hash", "run", "other", "path", "mo
                "backend.secret", "backend.filer_url", "backend.endpoint_url"}
 
 
+# A value that Hydra's grammar reads as a string whatever it is: a letter, ``_`` or
+# ``/`` first, then word characters, ``-``, ``.``, ``/``, ``@``. Any other value of a
+# STRING_KEYS key is quoted (quoting a string changes nothing), so no parser is needed.
+_PLAIN_STRING = re.compile(r"[A-Za-z_/][\w\-./@]*")
+_NOT_STRINGS = {"true", "false", "inf", "nan", "null", "none"}
+_SPECIAL = "'\"\\[]{}()$ :"
+
+
+def string_value(arg: str) -> tuple[str, str, bool] | None:
+    """``(key, value, quoted)`` when ``arg`` sets a STRING_KEYS key to a plain value that
+    :func:`quote_string_values` may quote (``quoted``: it does); else None."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+~") not in STRING_KEYS or not value or any(c in value for c in _SPECIAL):
+        return None
+    if value.lower() in ("null", "none") or "," in value:
+        return None
+    return key, value, not (_PLAIN_STRING.fullmatch(value) and value.lower() not in _NOT_STRINGS)
+
+
 def quote_string_values(argv: list[str]) -> list[str]:
-    """Quote ``key=value`` overrides of STRING_KEYS whose value Hydra would read as a
-    number or bool, so they reach the code as typed."""
+    """Quote ``key=value`` overrides of STRING_KEYS whose value Hydra might read as a
+    number or bool (``hash=1e22...`` is the float inf), so they reach the code as typed."""
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+~") in STRING_KEYS and value and not any(c in value for c in "'\"\\[]{}()$ :"):
-            # a sweep (hash=a,b) quotes each of its values
-            values = [v if v.lower() in ("null", "none") or _reads_as_string(f"{key}={v}") else f"'{v}'"
-                      for v in value.split(",")]
-            arg = f"{key}={','.join(values)}"
+        if sep and "," in value and key.lstrip("+~") in STRING_KEYS and not any(c in value for c in _SPECIAL):
+            parts = [string_value(f"{key}={v}") for v in value.split(",")]  # a sweep quotes each value
+            arg = f"{key}=" + ",".join(f"'{v}'" if p and p[2] else v for v, p in zip(value.split(","), parts))
+        else:
+            found = string_value(arg)
+            if found and found[2]:
+                arg = f"{found[0]}='{found[1]}'"
         out.append(arg)
     return out
-
-
-def _reads_as_string(arg: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        (override,) = OverridesParser.create().parse_overrides([arg])
-    except Exception:  # malformed: Hydra reports it, in one line, when it composes
-        return True
-    return isinstance(override.value(), str)
 
 
 def hydra_error_line(exc: BaseException) -> str:
@@ -269,7 +281,7 @@ def main() -> None:
         if compose.is_single_run(argv):  # composed once (or read back), without Hydra's main
             from . import tasks
 
-            composed = compose.compose_single(argv, quote_string_values)
+            composed = compose.compose_single(argv)
             tasks.single_run_overrides = composed.overrides
             run_reporting_errors(composed.config)
         else:  # a sweep, or Hydra's own flags

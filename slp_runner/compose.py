@@ -7,7 +7,9 @@ no ``hydra.*`` override) is composed here with Hydra's Compose API, once, and th
 composed config is kept in a small file; the same command line next time loads that
 file with OmegaConf and never imports Hydra.
 
-What the composed config depends on is the key of its file: the command line, this
+What the composed config depends on is the key of its file: the command line (its
+shape: plain values of string-typed keys such as ``hash=`` and ``path=`` stand as
+placeholders, so one file serves every hash, and none is written down), this
 package's version and Python's, the files of the config folder and the modules that
 shape composition (their sizes and modification times), and Hydra's and OmegaConf's
 installed modules. Interpolations (``${oc.env:...}``, the example resolvers) are kept
@@ -206,17 +208,62 @@ def _open_struct(cfg):
         yield
 
 
-def compose_single(argv: list[str], quote) -> Composed:
-    """The config of ``slp <argv>`` for a single run: from its cache file when there is a
-    sound one, else composed by Hydra once (``quote`` turns argv into Hydra's overrides)
-    and written down unless it holds a secret."""
+# What stands for a plain string value in a kept config (see :func:`shape_of`).
+PLACEHOLDER = "__slp_value_{}__"
+
+
+def shape_of(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The overrides Hydra is given, with every plain value of a string-typed key
+    (``hash=``, ``path=``, ``out=``, names and tags) replaced by a placeholder, and the
+    values taken out. Such a value only ever lands, as a string, at its own key: so one
+    kept config serves ``slp task=get hash=<any hash>``, and no hash, path or name is
+    written down. Secret-named keys are never abstracted (a secret is never kept)."""
+    from .cli import quote_string_values, string_value
+    from .redaction import mask_override
+
+    shape, values = [], []
+    for arg in argv:
+        found = string_value(arg)
+        if found is None or found[0] != found[0].lstrip("+~") or mask_override(arg) != arg:
+            shape += quote_string_values([arg])
+            continue
+        key, value, quoted = found
+        placeholder = PLACEHOLDER.format(len(values))
+        shape.append(f"{key}='{placeholder}'" if quoted else f"{key}={placeholder}")
+        values.append(value)
+    return shape, values
+
+
+def _fill(value: Any, values: list[str]) -> Any:
+    if isinstance(value, dict):
+        return {k: _fill(v, values) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, values) for v in value]
+    if isinstance(value, str) and "__slp_value_" in value:
+        for i, real in enumerate(values):
+            value = value.replace(PLACEHOLDER.format(i), real)
+    return value
+
+
+def compose_single(argv: list[str]) -> Composed:
+    """The config of ``slp <argv>`` for a single run: from its kept file when there is a
+    sound one, else composed by Hydra once and kept unless it holds a secret."""
+    shape, values = shape_of(argv)
     folder = cache_dir()
-    path = os.path.join(folder, key_of(argv) + ".json") if folder else None
+    path = os.path.join(folder, key_of(shape) + ".json") if folder else None
     found = load(path) if path and os.path.exists(path) else None
     if found is not None:
         container, overrides = found
-        return Composed(_as_config(container), overrides, True)
-    container, overrides = compose_with_hydra(quote(argv))
-    if path and not holds_secret(container, overrides):
+        return Composed(_as_config(_fill(container, values)), _fill(overrides, values), True)
+    try:
+        container, overrides = compose_with_hydra(shape)
+    except Exception:
+        if not values:
+            raise
+        # The error names the user's values, not placeholders: compose those to report it.
+        container, overrides = compose_with_hydra(_fill(shape, values))
+        return Composed(_as_config(container), overrides, False)
+    real, real_overrides = _fill(container, values), _fill(overrides, values)
+    if path and not holds_secret(real, real_overrides):
         save(path, container, overrides)
-    return Composed(_as_config(container), overrides, False)
+    return Composed(_as_config(real), real_overrides, False)

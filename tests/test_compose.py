@@ -56,6 +56,41 @@ def test_second_run_skips_hydra_and_answers_the_same(env, tmp_path):
     assert b["cache_hit"] and b["hash"] == a["hash"] == oid and b["path"] == a["path"]
 
 
+def test_one_entry_serves_every_hash_and_keeps_none(env, tmp_path):
+    oids = []
+    for i in range(2):
+        (tmp_path / f"f{i}.bin").write_bytes(os.urandom(4096))
+        put = slp(env, "task=put", "kind=blob", f"path={tmp_path / f'f{i}.bin'}", "format=json")
+        assert put.returncode == 0, put.stderr
+        oids.append(json.loads(put.stdout)["hash"])
+    kept = set(entries(env))
+    assert len(kept) == 1  # two paths, one shape
+    got = [slp(env, "task=get", f"hash={oid}", "format=json", importtime=True) for oid in oids]
+    assert [json.loads(g.stdout)["hash"] for g in got] == oids
+    assert "hydra" in imported(got[0]) and "hydra" not in imported(got[1])  # the second hash: read back
+    assert len(set(entries(env)) - kept) == 1
+    for path in entries(env):
+        text = open(path).read()
+        assert not any(oid in text for oid in oids) and str(tmp_path) not in text
+
+
+def test_values_hydra_would_misread_stay_strings(env):
+    """A hash of digits and one 'e' is a float to Hydra (1e22... is inf); quoted, read back
+    or not, it stays the string that was typed."""
+    floaty = "1e" + "2" * 62
+    for _ in range(2):
+        got = slp(env, "task=get", f"hash={floaty}", "kind=blob")
+        assert got.returncode == 1
+        assert got.stderr.strip().splitlines() == [got.stderr.strip()] and floaty in got.stderr
+
+
+def test_an_error_names_the_value_typed(env):
+    for _ in range(2):
+        got = slp(env, "task=ls", "backend.bucket=my-bucket")  # the local backend has no bucket
+        assert got.returncode == 2
+        assert "backend.bucket" in got.stderr and "__slp_value" not in got.stderr
+
+
 def test_typed_values_survive_the_round_trip(env):
     """runner.force=no is False from Hydra's schema; read back it must still be False."""
     for _ in range(2):
@@ -115,6 +150,9 @@ def test_secrets_are_never_written_down(env, tmp_path):
     for path in entries(env):
         assert secret not in open(path).read()
     assert entries(env) == []  # none of the three was kept
+    got = slp(env, "task=ls", "backend.key=AKIA-not-a-real-key-0042")  # a secret-named string key
+    assert "AKIA-not-a-real-key-0042" not in got.stdout + got.stderr
+    assert entries(env) == []
 
 
 def test_sweeps_and_hydra_flags_go_through_hydra():
@@ -138,12 +176,10 @@ def test_unwritable_cache_still_runs(env, tmp_path):
 def test_pipeline_run_records_its_overrides_on_both_paths(env, tmp_path):
     """A run composed by slp records the overrides Hydra would have (reproduce needs them)."""
     runs = tmp_path / "runs"
-    args = ["pipeline=store_prompts", f"runner.runs_dir={runs}", "runner.force=true"]
-    for _ in range(2):
-        got = slp(env, *args)
+    args = ["pipeline=store_prompts", f"runner.runs_dir={runs}", "runner.force=true", "prompts.name=batch"]
+    for tag in ("v1", "0042"):  # a tag Hydra would read as an int is recorded quoted
+        got = slp(env, *args, f"prompts.tag={tag}")
         assert got.returncode == 0, got.stderr
-    manifests = sorted(runs.glob("*/manifest.json"))
-    assert len(manifests) == 2
-    for m in manifests:
-        doc = json.loads(m.read_text())
-        assert doc["overrides"] == args
+    manifests = sorted(runs.glob("*/manifest.json"), key=lambda m: json.loads(m.read_text())["start_time"])
+    assert [json.loads(m.read_text())["overrides"] for m in manifests] == [
+        [*args, "prompts.tag=v1"], [*args, "prompts.tag='0042'"]]
