@@ -112,14 +112,29 @@ def _packages_distributions() -> dict[str, list[str]]:
 
 
 def _distribution(module_name: str) -> tuple[str, str] | None:
-    """(name, version) of the installed distribution providing ``module_name``."""
+    """(name, version) of the installed distribution providing ``module_name``: the one
+    named like the module when its file list holds it (one lookup), else found in the
+    map of every distribution's files (a few tenths of a second to build)."""
     top = module_name.split(".", 1)[0]
+    same_name = _named_like(top)
+    if same_name is not None:
+        return same_name
     for name in _packages_distributions().get(top, []):
         try:
             return name, importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+@functools.cache
+def _named_like(top: str) -> tuple[str, str] | None:
+    try:
+        dist = importlib.metadata.distribution(top)  # names compare normalized: slp_runner is slp-runner
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+    holds = any(f.parts and f.parts[0] in (top, f"{top}.py") for f in dist.files or [])
+    return (dist.metadata["Name"], dist.version) if holds else None
 
 
 def _hash_file(path: str) -> str:
