@@ -27,7 +27,8 @@ help:
 	@echo "make put-model MODEL=path.gguf [NAME=..] [TAG=..] [BACKEND=local|seaweedfs|s3]"
 	@echo "make get-model HASH=<blake3> [OUT=path] [BACKEND=..]"
 	@echo "make put-prompts PROMPTS=path.jsonl [BACKEND=..]"
-	@echo "make bench         the default benchmark sweep (backends x sizes x ops, with references) -> runs/bench-*/"
+	@echo "make bench         the default benchmark: in-process and whole-process (slp as typed), with references"
+	@echo "                   -> runs/bench-*/, and README.md's performance table regenerated"
 	@echo "make bench-store   put/get 256 MiB on every backend beside curl; peak RSS at 1 GiB (results under runs/)"
 	@echo "make bench-runner  runner overhead: 100 no-op stages; fully cached Gemma put/get re-run"
 
@@ -96,22 +97,37 @@ seaweed-down: install
 seaweed-status: install
 	$(PY) -m slp_runner.seaweed_server status --dir $(SEAWEED_DIR)
 
-# The default benchmark sweep: every backend x sizes x upload/download beside its
-# reference tool, then BLAKE3 vs b3sum and cold vs warm get at 1 GiB. A few minutes
-# on 2 cores; summaries land in runs/bench-<time>/.
-BENCH_SIZES ?= 1,16,128
+# The default benchmark: every backend x sizes x upload/download beside its reference
+# tool, then BLAKE3 vs b3sum and cold vs warm get at 1 GiB (all in-process); then the
+# same as a user runs it, whole slp processes timed from spawn to exit beside curl,
+# boto3 or cp in processes of their own (get into an empty cache, put), and a cache
+# hit and ls beside `python -c "import hydra"`. About 5 minutes on 2 cores; the
+# summaries land in runs/bench-<time>/<sweep>/, and README.md's performance table is
+# regenerated from them.
+BENCH_SIZES ?= 1,16,256
 BENCH_ITER ?= 5
+BENCH_CLI_SIZE ?= 256
+BENCH_CLI_ITER ?= 3
 bench: install
 	@command -v b3sum >/dev/null || (apt-get update -qq && apt-get install -y -qq b3sum) || \
 	  { echo "b3sum is needed as the hashing reference (apt-get install b3sum)"; exit 1; }
-	@set -e; stamp=$$(date -u +%Y%m%d-%H%M%S); \
+	@set -e; stamp=$$(date -u +%Y%m%d-%H%M%S); out=runs/bench-$$stamp; \
 	$(PY) -m slp_runner.seaweed_server up --dir $(SEAWEED_DIR)-bench >/dev/null; \
 	trap '$(PY) -m slp_runner.seaweed_server down --dir $(SEAWEED_DIR)-bench >/dev/null; rm -rf $(SEAWEED_DIR)-bench' EXIT; \
+	echo "== in-process: storage API, backends x sizes x upload, download"; \
 	$(SLP) -m pipeline=bench_storage backend=local,seaweedfs,s3 bench.size_mb=$(BENCH_SIZES) \
-	  bench.op=upload,download bench.iterations=$(BENCH_ITER) hydra.sweep.dir=runs/bench-$$stamp/storage | sed -n '/^| backend/,$$p'; \
+	  bench.op=upload,download bench.iterations=$(BENCH_ITER) hydra.sweep.dir=$$out/storage | sed -n '/^| backend/,$$p'; \
+	echo "== in-process: BLAKE3 vs b3sum, cold vs warm get, 1 GiB"; \
 	$(SLP) -m pipeline=bench_storage backend=local bench.size_mb=1024 bench.op=hash,cache \
-	  bench.iterations=$(BENCH_ITER) hydra.sweep.dir=runs/bench-$$stamp/hash-cache | sed -n '/^| backend/,$$p'; \
-	echo "summaries: runs/bench-$$stamp/storage/summary.md runs/bench-$$stamp/hash-cache/summary.md"
+	  bench.iterations=$(BENCH_ITER) hydra.sweep.dir=$$out/hash-cache | sed -n '/^| backend/,$$p'; \
+	echo "== whole processes: slp task=get (empty cache) and task=put beside curl, boto3, cp"; \
+	$(SLP) -m pipeline=bench_storage backend=local,seaweedfs,s3 bench.size_mb=$(BENCH_CLI_SIZE) \
+	  bench.op=cli_get,cli_put bench.iterations=$(BENCH_CLI_ITER) hydra.sweep.dir=$$out/cli | sed -n '/^| backend/,$$p'; \
+	echo "== whole processes: slp task=get (cache hit) and task=ls beside python -c 'import hydra'"; \
+	$(SLP) -m pipeline=bench_storage backend=local bench.size_mb=1024 bench.op=cli_hit,cli_ls \
+	  bench.iterations=$(BENCH_ITER) hydra.sweep.dir=$$out/cli-local | sed -n '/^| backend/,$$p'; \
+	$(PY) -m slp_runner.bench.readme_table $$out; \
+	echo "summaries: $$out/{storage,hash-cache,cli,cli-local}/summary.md"
 
 bench-store: install
 	$(PY) -m benchmarks.store_throughput

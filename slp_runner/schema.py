@@ -44,10 +44,14 @@ class InferConf:
 
 @dataclass
 class BenchConf:
+    # upload | download | roundtrip | hash | cache (in-process); cli_get | cli_put | cli_hit | cli_ls
+    # (whole slp processes); checked by the benchmark, so that a sweep records a bad one as a failed job
     op: str = "upload"
     size_mb: Any = 16  # a number; kept as given (16, not 16.0) for the sweep's tables
+    # recorded iterations (each a median or mean over them), after `warmup` unrecorded ones
     iterations: int = 5
     warmup: int = 1
+    # also time the reference tool in the same run, alternating iterations with slp
     reference: bool = True
 
 

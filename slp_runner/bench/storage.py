@@ -1,5 +1,6 @@
 """The storage benchmark (the seed's slp_bench_storage), with its reference measured
-in the same run: upload, download, roundtrip, hash and cache operations.
+in the same run: upload, download, roundtrip, hash and cache operations in this
+process, and the ``cli_*`` operations as whole ``slp`` processes (:mod:`.cli_ops`).
 
 Test data is generated before any timing; each iteration of an upload gets fresh
 bytes (16 random bytes rewritten at the head of the file, outside the timer) so
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 from ..artifacts import BLOB
@@ -26,7 +28,9 @@ from ..store import ArtifactStore
 from .references import b3sum_seconds, reference_for
 
 MiB = 1024 * 1024
-OPS = ("upload", "download", "roundtrip", "hash", "cache")
+IN_PROCESS_OPS = ("upload", "download", "roundtrip", "hash", "cache")
+CLI_OPS = ("cli_get", "cli_put", "cli_hit", "cli_ls")  # whole processes: see cli_ops
+OPS = IN_PROCESS_OPS + CLI_OPS
 PERCENTILES = "linear interpolation between closest ranks (numpy 'linear', R type 7); stdev is the sample one"
 
 
@@ -64,25 +68,44 @@ def peak_rss_mib() -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class ProcessUsage:
+    """What a finished process leaves: its own wall-clock time, peak RSS (``ru_maxrss``
+    from ``wait4``: this process alone, not its children) and standard output."""
+
+    seconds: float
+    peak_rss_mib: float
+    stdout: str
+
+
 class Series:
-    """Timings of one tool: seconds per successful iteration, errors by type."""
+    """Timings of one tool: seconds per successful iteration, errors by type; for a
+    tool run as a process, the peak RSS of each recorded run (``rss_mib``)."""
 
     def __init__(self, tool: str, size: int):
         self.tool, self.size = tool, size
         self.seconds: list[float] = []
         self.errors: Counter[str] = Counter()
+        self.first_error: str | None = None
+        self.rss_mib: list[float] = []
 
     def measure(self, fn: Callable[[], object], record: bool) -> None:
-        """Time ``fn`` (wall clock); keep the time only for a recorded iteration."""
+        """Time ``fn`` (wall clock); keep the time only for a recorded iteration. When
+        ``fn`` returns a :class:`ProcessUsage` (:func:`.cli_ops.run_process`), its own
+        time and peak RSS."""
         try:
             t0 = time.perf_counter()
-            fn()
+            got = fn()
             took = time.perf_counter() - t0
         except Exception as exc:
             if record:
                 self.errors[type(exc).__name__] += 1
+                self.first_error = self.first_error or f"{type(exc).__name__}: {exc}"[:500]
             return
         if record:
+            if isinstance(got, ProcessUsage):  # spawn to exit, without opening its output files
+                took = got.seconds
+                self.rss_mib.append(got.peak_rss_mib)
             self.seconds.append(took)
 
     def summary(self) -> dict:
@@ -98,12 +121,17 @@ class Series:
             "throughput_mib_s": round(self.size / MiB / mean_s, 2) if mean_s > 0 else None,
             "success_rate": round(len(self.seconds) / n, 4) if n else None,
             "errors": dict(self.errors),
+            **({"first_error": self.first_error} if self.first_error else {}),
+            **({"peak_rss_mib": round(max(self.rss_mib), 1)} if self.rss_mib else {}),
         }
 
 
 def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iterations: int = 5, warmup: int = 1,
-                      reference: bool = True, workdir: str | None = None, log=None) -> dict:
-    """Measure one operation on one backend; return the metrics for the run manifest."""
+                      reference: bool = True, workdir: str | None = None, log=None,
+                      overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Measure one operation on one backend; return the metrics for the run manifest.
+    ``overrides``: what the user typed that a ``cli_*`` op's slp processes get too
+    (:func:`.cli_ops.passed_overrides`)."""
     if op not in OPS:
         raise ConfigError(f"unknown benchmark op {op!r} (choose from {', '.join(OPS)})")
     size = int(size_mb * MiB)
@@ -114,14 +142,29 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
         data = os.path.join(work, "data.bin")
         make_data(data, size)
         hash_file(data)  # the page cache is warm for everyone
-        ours, ref = _measure(op, store, data, size, iterations, warmup, reference, work)
+        extra: dict = {}
+        if op in CLI_OPS:
+            from .cli_ops import measure_cli
+
+            ours, ref, extra = measure_cli(op, store, data, size, iterations, warmup, reference, work, overrides)
+        else:
+            ours, ref = _measure(op, store, data, size, iterations, warmup, reference, work)
         metrics = {"op": op, "backend": store.backend.name, "size_mb": size_mb, "size_bytes": size,
                    "iterations": iterations, "warmup": warmup, "percentiles": PERCENTILES, "slp": ours.summary()}
         if ref is not None:
             metrics["reference"] = ref.summary()
-            a, b = metrics["slp"]["throughput_mib_s"], metrics["reference"]["throughput_mib_s"]
-            metrics["ratio_to_reference"] = round(a / b, 3) if a and b else None
-        metrics["peak_rss_mib"] = peak_rss_mib()
+            if op in CLI_OPS:  # processes: the median, which a slow start-up now and then does not move
+                a, b = metrics["slp"]["latency_ms"].get("p50"), metrics["reference"]["latency_ms"].get("p50")
+                metrics["ratio_to_reference"] = round(b / a, 3) if a and b else None
+            else:
+                a, b = metrics["slp"]["throughput_mib_s"], metrics["reference"]["throughput_mib_s"]
+                metrics["ratio_to_reference"] = round(a / b, 3) if a and b else None
+        metrics.update(extra)
+        if op in CLI_OPS:  # what a user's slp process holds, not this job's (which only waits for it)
+            metrics["peak_rss_mib"] = metrics["slp"].get("peak_rss_mib")
+            metrics["job_peak_rss_mib"] = peak_rss_mib()
+        else:
+            metrics["peak_rss_mib"] = peak_rss_mib()
         return metrics
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -27,7 +27,8 @@ RESULT = "result.json"
 MULTIRUN_YAML = "multirun.yaml"  # what Hydra's basic sweeper saves in the sweep folder
 COLUMNS = ["backend", "op", "size_mb", "status", "slp_mib_s", "slp_p5_ms", "slp_p50_ms", "slp_p95_ms", "slp_p99_ms",
            "slp_stdev_ms", "success_rate", "errors", "reference", "reference_mib_s", "reference_p5_ms",
-           "reference_p95_ms", "ratio", "peak_rss_mib", "run_id", "job", "overrides", "error"]
+           "reference_p50_ms", "reference_p95_ms", "ratio", "time_ratio", "floor", "floor_p50_ms", "peak_rss_mib",
+           "run_id", "job", "overrides", "error"]
 # Row columns a job's parameters fill when it left no metrics (it failed): column -> config key.
 PARAMS = {"backend": "backend", "op": "bench.op", "size_mb": "bench.size_mb"}
 MD_ERROR_CHARS = 200  # summary.md is printed on the console; summary.csv keeps the whole error
@@ -111,7 +112,7 @@ def _row(job: str, result: dict, defaults: dict[str, Any] | None = None) -> list
         m = stage.get("metrics") or {}
         if "op" not in m or "slp" not in m:
             continue
-        s, ref = m["slp"], m.get("reference") or {}
+        s, ref, floor = m["slp"], m.get("reference") or {}, m.get("floor") or {}
         lat, ref_lat = s.get("latency_ms") or {}, ref.get("latency_ms") or {}
         rows.append({
             **common, "backend": m.get("backend"), "op": m.get("op"), "size_mb": m.get("size_mb"),
@@ -120,8 +121,10 @@ def _row(job: str, result: dict, defaults: dict[str, Any] | None = None) -> list
             "success_rate": s.get("success_rate"),
             "errors": ";".join(f"{k}={v}" for k, v in (s.get("errors") or {}).items()),
             "reference": ref.get("tool"), "reference_mib_s": ref.get("throughput_mib_s"),
-            "reference_p5_ms": ref_lat.get("p5"), "reference_p95_ms": ref_lat.get("p95"),
-            "ratio": m.get("ratio_to_reference"), "peak_rss_mib": m.get("peak_rss_mib"),
+            "reference_p5_ms": ref_lat.get("p5"), "reference_p50_ms": ref_lat.get("p50"),
+            "reference_p95_ms": ref_lat.get("p95"), "ratio": m.get("ratio_to_reference"),
+            "time_ratio": m.get("time_ratio_to_reference"), "floor": floor.get("tool"),
+            "floor_p50_ms": (floor.get("latency_ms") or {}).get("p50"), "peak_rss_mib": m.get("peak_rss_mib"),
         })
     if not rows:  # no metrics (the job failed): its parameters are what it was asked to run
         given = {**(defaults or {}), **dict(filter(None, map(parse_override, overrides)))}
@@ -177,14 +180,21 @@ def write_summary(sweep_dir: str, defaults: dict[str, Any] | None = None) -> lis
         text = _fmt(r.get(k))
         return text[:MD_ERROR_CHARS] + "..." if k == "error" and len(text) > MD_ERROR_CHARS else text
 
+    processes = [r for r in rows if str(r.get("op")).startswith("cli_")]
+    floors = sorted({str(r["floor"]) for r in processes if r.get("floor")})
     shown = ["backend", "op", "size_mb", "slp_mib_s", "reference", "reference_mib_s", "ratio", "slp_p50_ms",
-             "slp_p95_ms", "slp_p99_ms", "success_rate", "peak_rss_mib", "status", "overrides", "error"]
+             "slp_p95_ms", "slp_p99_ms", "reference_p50_ms", *(["floor_p50_ms"] if floors else []), "success_rate",
+             "peak_rss_mib", "status", "overrides", "error"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in sorted(rows, key=lambda r: (str(r.get("backend")), str(r.get("op")), _size(r.get("size_mb")))):
         lines.append("| " + " | ".join(cell(r, k) for k in shown) + " |")
     lines += ["", "MiB/s = size / mean latency. Percentiles: linear interpolation between closest ranks. "
-              "ratio = slp / reference (for op=cache: warm get over cold get).",
-              "overrides: the job's own, besides backend, bench.op, bench.size_mb and those every job shares"
+              "ratio = slp / reference (for op=cache: warm get over cold get)."]
+    if processes:
+        lines.append("cli_* ops: whole slp processes beside a reference process; ratio = reference p50 / slp p50 "
+                     "(above 1: slp faster); peak_rss_mib = the slp process's"
+                     + (f"; floor_p50_ms: {', '.join(floors)}." if floors else "."))
+    lines += ["overrides: the job's own, besides backend, bench.op, bench.size_mb and those every job shares"
               + (f" ({' '.join(sorted(shared))})." if shared else "."),
               "error: why a failed job failed (whole in summary.csv)."]
     with open(os.path.join(sweep_dir, "summary.md"), "w") as f:
@@ -193,9 +203,13 @@ def write_summary(sweep_dir: str, defaults: dict[str, Any] | None = None) -> lis
     return rows
 
 
+# Left out of the plot: a warm get (a stat) is orders of magnitude off every transfer,
+# and a cache hit or listing as a process is start-up time, not a transfer.
+NOT_PLOTTED = ("cache", "cli_hit", "cli_ls")
+
+
 def _plotted(rows: list[dict]) -> list[dict]:
-    # op=cache is left out: a warm get (a stat) is orders of magnitude off every transfer
-    return [r for r in rows if r.get("slp_mib_s") and r.get("op") != "cache"]
+    return [r for r in rows if r.get("slp_mib_s") and r.get("op") not in NOT_PLOTTED]
 
 
 def _plot(rows: list[dict], path: str):
