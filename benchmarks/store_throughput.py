@@ -1,17 +1,21 @@
-"""Put and get throughput of the store on every backend, beside curl on the same filer,
-and peak RSS of put and get as the file grows.
+"""Put and get throughput of the store on every backend, beside the plain tools on the
+same server (curl on the filer, boto3's transfer manager on the S3 gateway), the
+requests each put and get makes, and peak RSS of put and get as the file grows.
 
-    python -m benchmarks.store_throughput [--size-mb 256] [--reps 3] [--rss-sizes-mb 64,1024]
+    python -m benchmarks.store_throughput [--size-mb 16,256,1024] [--reps 3] [--rss-sizes-mb 64,1024]
 
 Starts its own SeaweedFS on free loopback ports. Test data is generated before any
-timing; the page cache is warm (the file is read once first). Each figure is the
-median of ``--reps`` runs. Results: ``runs/bench-store-<time>/results.json`` and
-``summary.md``.
+timing; the page cache is warm (the file is read once first), and every client runs
+once untimed first (weed grows volumes on the first writes). Within a repetition
+every client runs once, in turn, so drift in the machine affects all alike; each
+figure is the median of ``--reps`` runs. Each slp put goes to a fresh root (never
+deduplicated). Results: ``runs/bench-store-<time>/results.json`` and ``summary.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -20,10 +24,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 
 from benchmarks._report import out_dir, publish
 from slp_runner.artifacts import BLOB
 from slp_runner.backends import Backend, local_backend, s3_backend, seaweedfs_backend
+from slp_runner.bench.references import Boto3S3, CurlFiler
 from slp_runner.cache import LocalCache
 from slp_runner.seaweed_server import SeaweedServer, free_ports
 from slp_runner.store import ArtifactStore
@@ -56,17 +62,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def curl(server: SeaweedServer, path: str, workdir: str) -> tuple[float, float]:
-    name = f"curl/{uuid.uuid4().hex}"
-    url = f"{server.filer_url}/{name}"
-    put = timed(lambda: subprocess.run(["curl", "-sS", "-f", "-o", "/dev/null", "-T", path, url], check=True))
-    out = os.path.join(workdir, "curl.out")
-    get = timed(lambda: subprocess.run(["curl", "-sS", "-f", "-o", out, url], check=True))
-    os.unlink(out)
+def reference_put_get(make_reference, path: str, workdir: str) -> tuple[float, float]:
+    ref = make_reference()
+    out = os.path.join(workdir, "reference.out")
+    try:
+        put = ref.upload(path)
+        get = ref.download(out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+        ref.cleanup()
     return put, get
 
 
-def slp_put_get(make_backend, path: str, workdir: str) -> tuple[float, float]:
+def slp_put_get(make_backend, path: str, workdir: str) -> tuple[float, float, float]:
     backend: Backend = make_backend()
     store = ArtifactStore(backend)
     put = timed(lambda: store.put(path, BLOB))
@@ -84,6 +93,59 @@ def with_cleanup(backend: Backend) -> None:
         backend.fs.rm(backend.root, recursive=True)
     except Exception:
         pass
+
+
+@contextlib.contextmanager
+def counting_requests(backend: Backend):
+    """Count the HTTP requests a backend sends, by method and operation."""
+    counts: Counter = Counter()
+    if backend.name == "seaweedfs":
+        def hook(resp, *args, **kwargs):
+            query = resp.request.url.partition("?")[2]
+            op = "metadata" if "metadata=" in query else "mv" if "mv.from=" in query else \
+                 "list" if resp.request.url.split("?")[0].endswith("/") else "append" if "op=append" in query else ""
+            counts[f"{resp.request.method} {op}".strip()] += 1
+
+        hooks = backend.fs.session.hooks["response"]
+        hooks.append(hook)
+        try:
+            yield counts
+        finally:
+            hooks.remove(hook)
+    elif backend.name == "s3":
+        backend.fs.connect()
+
+        def before_send(request, event_name, **kwargs):
+            counts[event_name.rsplit(".", 1)[-1]] += 1
+
+        events = backend.fs.s3.meta.events
+        events.register("before-send.s3", before_send)
+        try:
+            yield counts
+        finally:
+            events.unregister("before-send.s3", before_send)
+    else:
+        yield counts
+
+
+def request_counts(make_backend, path: str, workdir: str) -> dict[str, dict[str, int]]:
+    backend: Backend = make_backend()
+    store = ArtifactStore(backend)
+    backend.ensure_writable()  # a bucket made once per backend is not a put's cost
+    out = {}
+    with counting_requests(backend) as counts:
+        oid = store.put(path, BLOB).oid
+    out["put (new)"] = dict(counts)
+    with counting_requests(backend) as counts:
+        store.put(path, BLOB)
+    out["put (deduplicated)"] = dict(counts)
+    cache = LocalCache(os.path.join(workdir, "cache", uuid.uuid4().hex[:8]))
+    with counting_requests(backend) as counts:
+        cache.get(store, BLOB, oid)
+    out["get (cache fill)"] = dict(counts)
+    shutil.rmtree(cache.root)
+    with_cleanup(backend)
+    return out
 
 
 RSS_PROBE = r"""
@@ -118,36 +180,47 @@ def peak_rss_mib(args: list[str]) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size-mb", type=int, default=256)
+    ap.add_argument("--size-mb", default="256", help="file sizes, comma-separated (16,256,1024)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rss-sizes-mb", default="64,1024")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    sizes = [int(s) for s in str(args.size_mb).split(",") if s]
 
     folder = args.out or out_dir("store")
     os.makedirs(folder, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="slp-bench-")
     server = SeaweedServer(os.path.join(workdir, "seaweed"), free_ports()).start()
-    results = {"size_mb": args.size_mb, "reps": args.reps, "throughput": {}, "peak_rss_mib": {}}
+    results = {"sizes_mb": sizes, "reps": args.reps, "throughput": {}, "requests": {}, "peak_rss_mib": {}}
     try:
-        path = os.path.join(workdir, "data.bin")
-        make_file(path, args.size_mb * MiB)
-        mib = args.size_mb
-
-        rows = {}
-        curl_runs = [curl(server, path, workdir) for _ in range(args.reps)]
-        rows["curl (filer)"] = {
-            "put_mib_s": mib / statistics.median(p for p, _ in curl_runs),
-            "get_mib_s": mib / statistics.median(g for _, g in curl_runs),
+        makers = backends_for(server, workdir)
+        clients = {
+            "curl (filer)": lambda p: reference_put_get(lambda: CurlFiler(makers["seaweedfs"]()), p, workdir),
+            "slp seaweedfs": lambda p: slp_put_get(makers["seaweedfs"], p, workdir),
+            "boto3 (s3)": lambda p: reference_put_get(lambda: Boto3S3(makers["s3"]()), p, workdir),
+            "slp s3": lambda p: slp_put_get(makers["s3"], p, workdir),
+            "slp local": lambda p: slp_put_get(makers["local"], p, workdir),
         }
-        for name, make in backends_for(server, workdir).items():
-            runs = [slp_put_get(make, path, workdir) for _ in range(args.reps)]
-            rows[f"slp {name}"] = {
-                "put_mib_s": mib / statistics.median(r[0] for r in runs),
-                "get_mib_s": mib / statistics.median(r[1] for r in runs),
-                "warm_get_ms": 1000 * statistics.median(r[2] for r in runs),
-            }
-        results["throughput"] = rows
+        for mib in sizes:
+            path = os.path.join(workdir, "data.bin")
+            make_file(path, mib * MiB)
+            if mib == sizes[0]:  # untimed: the first writes make the bucket and grow volumes
+                for run in clients.values():
+                    run(path)
+            runs: dict[str, list] = {name: [] for name in clients}
+            for _ in range(args.reps):
+                for name, run in clients.items():
+                    runs[name].append(run(path))
+            rows = {}
+            for name, rs in runs.items():
+                rows[name] = {"put_mib_s": mib / statistics.median(r[0] for r in rs),
+                              "get_mib_s": mib / statistics.median(r[1] for r in rs)}
+                if len(rs[0]) > 2:
+                    rows[name]["warm_get_ms"] = 1000 * statistics.median(r[2] for r in rs)
+            results["throughput"][str(mib)] = rows
+            if mib == sizes[0]:
+                results["requests"] = {name: request_counts(makers[name], path, workdir) for name in ("seaweedfs", "s3")}
+            os.unlink(path)
 
         for size_mb in [int(s) for s in args.rss_sizes_mb.split(",") if s]:
             rpath = os.path.join(workdir, f"rss-{size_mb}.bin")
@@ -163,15 +236,27 @@ def main(argv=None) -> int:
         server.stop(timeout=5)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    lines = [f"# Store throughput, {args.size_mb} MiB file, median of {args.reps} (page cache warm)", "",
-             "| client | put MiB/s | get MiB/s | put / curl | get / curl | warm get ms |", "|---|---|---|---|---|---|"]
-    ref = rows["curl (filer)"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['put_mib_s']:.0f} | {r['get_mib_s']:.0f} | {r['put_mib_s'] / ref['put_mib_s']:.2f} "
-                     f"| {r['get_mib_s'] / ref['get_mib_s']:.2f} | {r.get('warm_get_ms', float('nan')):.2f} |")
-    lines += ["", "slp put = hash + upload + size check + rename + manifest; slp get = streamed download "
-              "+ inline BLAKE3 + rename into the cache.", "",
-              "| backend, file | put peak RSS MiB | get peak RSS MiB |", "|---|---|---|"]
+    refs = {"slp seaweedfs": "curl (filer)", "slp s3": "boto3 (s3)"}
+    lines = []
+    for mib, rows in results["throughput"].items():
+        lines += [f"# Store throughput, {mib} MiB file, median of {args.reps} (page cache warm)", "",
+                  "| client | put MiB/s | get MiB/s | put / ref | get / ref | warm get ms |", "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            ref = rows.get(refs.get(name, ""))
+            put_ratio = f"{r['put_mib_s'] / ref['put_mib_s']:.2f}" if ref else ""
+            get_ratio = f"{r['get_mib_s'] / ref['get_mib_s']:.2f}" if ref else ""
+            warm = f"{r['warm_get_ms']:.2f}" if "warm_get_ms" in r else ""
+            lines.append(f"| {name} | {r['put_mib_s']:.0f} | {r['get_mib_s']:.0f} | {put_ratio} | {get_ratio} | {warm} |")
+        lines.append("")
+    lines += ["ref: curl -T / curl -o on the filer, boto3 upload_file / download_file (default TransferConfig) on S3.",
+              "slp put = hash + upload + verification + publish + manifest; slp get = cache fill (streamed "
+              "download + inline BLAKE3 + rename into the cache).", "",
+              f"## Requests ({sizes[0]} MiB file)", "", "| backend | operation | requests |", "|---|---|---|"]
+    for name, ops in results["requests"].items():
+        for op, counts in ops.items():
+            detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            lines.append(f"| {name} | {op} | {sum(counts.values())}: {detail} |")
+    lines += ["", "| backend, file | put peak RSS MiB | get peak RSS MiB |", "|---|---|---|"]
     for name, r in results["peak_rss_mib"].items():
         lines.append(f"| {name} | {r['put']:.0f} | {r['get']:.0f} |")
     publish(folder, lines, results)

@@ -1,11 +1,13 @@
 """The content-addressed artifact store, over any :class:`~slp_runner.backends.Backend`.
 
 Invariant: nothing is ever visible under ``<kind>/<hash>`` whose bytes do not hash
-to ``<hash>``. Uploads go to ``.incoming/`` under a unique name, are checked
-(size, or a full re-read and re-hash), and only then renamed into place; where the
-backend can hold an upload invisible until checked (S3 multipart), it is written in
-place and completed only if the bytes sent hash right. Manifests follow the same
-way, or in one all-or-nothing PUT. Readers never see a partial object.
+to ``<hash>``. Where the backend hashes what it sends (``Backend.verified_upload``:
+the filer, S3), the file is hashed again as it streams out and published only if
+the bytes sent hash right: the filer renames from ``.incoming/``, S3 completes a
+multipart upload written in place. Elsewhere (local, or ``verify_upload="rehash"``)
+it goes to ``.incoming/`` under a unique name, is checked (size, or a full re-read
+and re-hash), and only then renamed into place. Manifests follow the same way, or
+in one all-or-nothing PUT. Readers never see a partial object.
 """
 
 from __future__ import annotations
@@ -98,9 +100,9 @@ class ArtifactStore:
     """Put and read artifacts by BLAKE3 hash on one backend.
 
     verify_upload: ``size`` compares the stored size with the local file's (and
-    that the local file did not change while it was sent; where the backend can
-    hold a write uncommitted, the sent bytes are hashed instead: ``inline-hash``);
-    ``rehash`` reads the stored object back and hashes it before it is published.
+    that the local file did not change while it was sent; where the backend hashes
+    what it sends, the sent bytes are hashed instead: ``inline-hash``); ``rehash``
+    reads the stored object back and hashes it before it is published.
     """
 
     def __init__(self, backend: Backend, verify_upload: str = "size", verify_existing: str = "size"):
@@ -265,16 +267,17 @@ class ArtifactStore:
         return verification
 
     def _write_verified(self, local_path, final, digest, before, callback) -> str:
-        """Send straight to the final name, invisible until the hash of the bytes sent
-        matches: spares S3 the server-side copy a rename costs, and checks the very
-        bytes that went out rather than only their count."""
+        """Let the backend send and publish, hashing the bytes it sends: they are made
+        visible only if that hash matches, which checks the very bytes that went out
+        rather than only their count (and spares S3 the server-side copy a rename costs)."""
 
         def check(sent: FileDigest) -> None:
             if sent.blake3 != digest.blake3:
                 raise IntegrityError(f"{local_path} changed while it was being stored; nothing was published")
             self._check_unchanged(local_path, before)
 
-        self.backend.verified_upload(local_path, final, check, callback=callback)
+        self.backend.verified_upload(local_path, final, check, callback=callback,
+                                     incoming=self._incoming_name(digest.blake3))
         return "inline-hash"
 
     def refresh(self, kind: ArtifactKind, oid: str) -> bool:

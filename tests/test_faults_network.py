@@ -186,3 +186,20 @@ def _incoming(store: ArtifactStore) -> list[str]:
         return store.fs.ls(store.backend.path(INCOMING), detail=False)
     except FileNotFoundError:
         return []
+
+
+def test_filer_put_cut_part_way_leaves_what_was_there(seaweed, filer_proxy, root):
+    # What the store's one-PUT manifest writes on the filer (Backend.atomic_put) rely on:
+    # the filer replaces an entry only once the whole body is stored, past several chunks.
+    direct = seaweedfs_backend(filer_url=seaweed.filer_url, root=root).fs
+    path = f"{root}/manifest.json"
+    direct.pipe_file(path, b"the sound old bytes")
+    filer_proxy.drop_after_up = 6 * MiB  # the filer cuts files into 4 MiB chunks
+    via = seaweedfs_backend(filer_url=filer_proxy.url, root=root, retries=0).fs
+
+    with pytest.raises(ConnectionError):
+        via.pipe_file(path, os.urandom(9 * MiB))
+
+    assert filer_proxy.cuts == 1
+    assert direct.cat_file(path) == b"the sound old bytes"
+    assert direct.ls(root, detail=False) == [path]

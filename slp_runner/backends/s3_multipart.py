@@ -9,7 +9,8 @@ temporary name and no server-side copy, while nothing is ever visible under a
 hash its bytes do not match. Memory holds at most ``concurrency + 1`` parts.
 
 An ordered ranged download: parts are fetched concurrently (as boto3's transfer
-manager does) and handed on in order, so the cache hashes while it writes. It can
+manager does) and handed on in order, so the cache hashes while it writes; the
+first part's response gives the size, so no HEAD is needed. It can
 start at any byte (a resumed download), and a part that fails for good after the
 retries below it (botocore's per request, s3fs's around each body read) is reported
 as ``ConnectionError``/``TimeoutError`` so the reader can continue from there.
@@ -23,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
 from typing import Callable
 
+import fsspec.asyn
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from ..hashing import FileDigest, StreamHasher
@@ -32,7 +34,8 @@ MIN_PART = 5 * 1024 * 1024  # S3's smallest part but the last
 
 def upload_verified(fs, local_path: str, path: str, check: Callable[[FileDigest], None], *,
                     part_size: int = 16 * 1024 * 1024, concurrency: int = 4,
-                    callback: Callback = DEFAULT_CALLBACK) -> None:
+                    callback: Callback = DEFAULT_CALLBACK, incoming: str | None = None) -> None:
+    """``incoming``: unused, an uncompleted multipart upload is invisible already."""
     bucket, key, _ = fs.split_path(path)
     part_size = max(part_size, MIN_PART)
     with open(local_path, "rb") as src:
@@ -91,11 +94,26 @@ def download_ordered(fs, path: str, sink: Callable[[bytes], None], *, offset: in
                      part_size: int = 8 * 1024 * 1024, concurrency: int = 4) -> int:
     """Read ``path`` from byte ``offset`` as concurrent ranged GETs, handing the parts
     to ``sink`` in order (so it can hash as it writes). At most ``concurrency`` parts
-    are in memory. Returns the object's size."""
-    size = fs.info(path)["size"]
-    ranges = iter([(off, min(off + part_size, size)) for off in range(offset, size, part_size)])
+    are in memory. Returns the object's size.
+
+    No HEAD first: the first part's response says the object's size (``Content-Range``),
+    and its body is read while the next parts are already being asked for."""
+    bucket, key, _ = fs.split_path(path)
+    try:
+        first = fs.call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + part_size - 1}")
+    except OSError as exc:
+        if _invalid_range(exc):  # nothing from ``offset`` on: an empty object, or one read to its end
+            return offset
+        raise
+    if "ContentRange" not in first:
+        fsspec.asyn.sync(fs.loop, _read_body, first["Body"])
+        raise OSError(f"S3 server ignored the Range of a GET of {path}")
+    size = int(first["ContentRange"].rpartition("/")[2])
+    first_end = min(offset + part_size, size)
+    ranges = iter([(off, min(off + part_size, size)) for off in range(first_end, size, part_size)])
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slp-s3-get") as pool:
-        pending = deque(pool.submit(fs.cat_file, path, start=a, end=b) for a, b in islice(ranges, concurrency))
+        pending = deque([pool.submit(_first_body, fs, first["Body"], path, offset, first_end)])
+        pending.extend(pool.submit(fs.cat_file, path, start=a, end=b) for a, b in islice(ranges, concurrency - 1))
         try:
             while pending:
                 data = _part(pending.popleft(), path)
@@ -106,6 +124,25 @@ def download_ordered(fs, path: str, sink: Callable[[bytes], None], *, offset: in
             for fut in pending:  # a failed part: the others are not waited for, then dropped
                 fut.cancel()
     return size
+
+
+async def _read_body(body) -> bytes:
+    try:
+        return await body.read()
+    finally:
+        body.close()
+
+
+def _first_body(fs, body, path: str, start: int, end: int) -> bytes:
+    try:
+        return fsspec.asyn.sync(fs.loop, _read_body, body)
+    except Exception:  # cut part-way: once more, through s3fs's own retries around a ranged read
+        return fs.cat_file(path, start=start, end=end)
+
+
+def _invalid_range(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    return getattr(cause, "response", {}).get("Error", {}).get("Code") == "InvalidRange"
 
 
 def _part(fut, path: str) -> bytes:

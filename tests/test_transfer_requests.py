@@ -1,0 +1,135 @@
+"""How few requests a put and a get make on the real filer and S3 gateway, and what
+weed's S3 gateway promises about conditional writes. Counted on the wire: a requests
+response hook on the filer's session, a botocore event on the S3 client."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+
+import blake3
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import make_backend
+from slp_runner.artifacts import BLOB
+from slp_runner.backends.s3_multipart import download_ordered
+from slp_runner.backends.seaweedfs import upload_verified
+from slp_runner.errors import IntegrityError
+from slp_runner.store import INCOMING, ArtifactStore
+
+MiB = 1024 * 1024
+
+
+def counting(backend) -> Counter:
+    counts: Counter = Counter()
+    if backend.name == "seaweedfs":
+        backend.fs.session.hooks["response"].append(
+            lambda resp, *a, **k: counts.update([f"{resp.request.method} {resp.status_code}"]))
+    else:
+        backend.fs.connect()
+        backend.fs.s3.meta.events.register(
+            "before-send.s3", lambda event_name, **k: counts.update([event_name.rsplit(".", 1)[-1]]))
+    return counts
+
+
+@pytest.fixture
+def blob(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(os.urandom(12 * MiB + 5))  # two S3 parts and a tail
+    return path
+
+
+def test_filer_put_and_get_requests(seaweed, tmp_path, blob, cache):
+    backend = make_backend("seaweedfs", seaweed, tmp_path)
+    store = ArtifactStore(backend)
+    counts = counting(backend)
+
+    new = store.put(str(blob), BLOB)
+    # object and manifest looked up (404), the object PUT under .incoming/ (hashed as it
+    # streams) and renamed, the manifest PUT in place: no size or existence checks between.
+    assert new.verification == "inline-hash"
+    assert counts == Counter({"GET 404": 2, "PUT 201": 2, "POST 204": 1}), counts
+    counts.clear()
+    assert not store.put(str(blob), BLOB).uploaded
+    assert counts == Counter({"GET 200": 3, "PUT 201": 1}), counts
+    counts.clear()
+    cache.get(store, BLOB, new.oid)
+    assert counts == Counter({"GET 200": 2}), counts  # its size, then one streamed GET
+    assert backend.fs.ls(backend.path(INCOMING), detail=False) == []
+
+
+def test_s3_put_and_get_requests(seaweed, tmp_path, blob, cache):
+    backend = make_backend("s3", seaweed, tmp_path)
+    store = ArtifactStore(backend)
+    backend.ensure_writable()
+    counts = counting(backend)
+
+    new = store.put(str(blob), BLOB)
+    assert counts == Counter({"HeadObject": 1, "ListObjectsV2": 1, "GetObject": 1, "CreateMultipartUpload": 1,
+                              "UploadPart": 2, "CompleteMultipartUpload": 1, "PutObject": 1}), counts
+    counts.clear()
+    cache.get(store, BLOB, new.oid)
+    # one HEAD for the cache's size check; the first ranged GET gives the size to the download
+    assert counts == Counter({"HeadObject": 1, "GetObject": 2}), counts
+
+
+def test_s3_download_from_any_offset_without_a_head(seaweed, tmp_path):
+    backend = make_backend("s3", seaweed, tmp_path)
+    backend.ensure_writable()
+    data = os.urandom(3 * MiB + 7)
+    path = backend.path("blob")
+    backend.fs.pipe_file(path, data)
+    backend.fs.pipe_file(backend.path("empty"), b"")
+    for offset in (0, 1, MiB, len(data) - 1, len(data)):
+        got = []
+        size = download_ordered(backend.fs, path, got.append, offset=offset, part_size=MiB, concurrency=2)
+        assert b"".join(got) == data[offset:] and size == len(data)
+    got = []
+    assert download_ordered(backend.fs, backend.path("empty"), got.append, part_size=MiB) == 0 and got == []
+    with pytest.raises(FileNotFoundError):
+        download_ordered(backend.fs, backend.path("missing"), got.append)
+
+
+def test_filer_verified_upload_hashes_what_it_sends_and_publishes_only_if_checked(seaweed, tmp_path, blob):
+    fs = make_backend("seaweedfs", seaweed, tmp_path).fs
+    base = f"t-{uuid.uuid4().hex[:12]}"
+    seen = []
+    upload_verified(fs, str(blob), f"{base}/good", seen.append, incoming=f"{base}/{INCOMING}/good.part")
+    assert seen[0].blake3 == blake3.blake3(blob.read_bytes()).hexdigest() and seen[0].size == blob.stat().st_size
+    assert fs.cat_file(f"{base}/good") == blob.read_bytes()
+
+    def refuse(digest):
+        raise IntegrityError("not the bytes we meant")
+
+    with pytest.raises(IntegrityError):
+        upload_verified(fs, str(blob), f"{base}/bad", refuse, incoming=f"{base}/{INCOMING}/bad.part")
+    assert not fs.exists(f"{base}/bad")
+    assert fs.ls(f"{base}/{INCOMING}", detail=False) == []
+    fs.rm(base, recursive=True)
+
+
+def test_weed_s3_honours_if_none_match(seaweed, tmp_path):
+    """A second conditional PUT (``If-None-Match: *``) of an existing key gets 412 and
+    leaves the first bytes, for a single PUT and a multipart completion alike."""
+    backend = make_backend("s3", seaweed, tmp_path)
+    backend.ensure_writable()
+    bucket, _, prefix = backend.root.partition("/")
+    key = f"{prefix}/once"
+    fs = backend.fs
+    fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"first", IfNoneMatch="*")
+
+    with pytest.raises(OSError) as err:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"second", IfNoneMatch="*")
+    assert isinstance(err.value.__cause__, ClientError)
+    assert err.value.__cause__.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
+    etag = fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"third")["ETag"]
+    with pytest.raises(OSError) as err:
+        fs.call_s3("complete_multipart_upload", Bucket=bucket, Key=key, UploadId=upload, IfNoneMatch="*",
+                   MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": etag}]})
+    assert err.value.__cause__.response["ResponseMetadata"]["HTTPStatusCode"] == 412
+    fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
+    assert fs.cat_file(f"{bucket}/{key}") == b"first"
