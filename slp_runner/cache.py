@@ -279,7 +279,10 @@ class LocalCache:
                 _hash_prefix(out.fileno(), kept, hasher)
                 callback.relative_update(kept)
             with local_write(partial, size, what):
-                out.truncate(kept)  # a torn last write beyond what was counted goes
+                # A torn last write beyond what was counted goes. Only then: ext4 flushes a
+                # file truncated to 0 (a new one too) in full when it is closed.
+                if os.fstat(out.fileno()).st_size > kept:
+                    out.truncate(kept)
                 out.seek(kept)
 
             writer = _HashingWriter(out, hasher)
@@ -331,45 +334,53 @@ class LocalCache:
 
 
 class _HashingWriter:
-    """Hash and write a download's chunks on a worker thread, in order, while the next
-    chunk is received: BLAKE3, the write and the socket read all release the GIL, so
-    the three overlap instead of taking turns. At most ``depth`` chunks wait (memory
-    stays flat); the worker's error (a full disk) is raised in the caller's thread."""
+    """Hash and write a download's chunks on two worker threads, each in order, while
+    the next chunk is received: BLAKE3, the write and the socket read all release the
+    GIL, so the three overlap instead of taking turns. At most ``depth`` chunks wait
+    for each (memory stays flat); a worker's error (a full disk) is raised in the
+    caller's thread."""
 
-    def __init__(self, out, hasher: StreamHasher, depth: int = 8):
+    def __init__(self, out, hasher: StreamHasher, depth: int = 16):
         import queue
         import threading
 
-        self._out, self._hasher = out, hasher
-        self._queue: queue.Queue = queue.Queue(depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="slp-hash-write", daemon=True)
-        self._thread.start()
+        self._queues: list[queue.Queue] = []
+        self._threads = []
+        for name, fn in (("hash", hasher.update), ("write", out.write)):
+            q: queue.Queue = queue.Queue(depth)
+            t = threading.Thread(target=self._work, args=(q, fn), name=f"slp-{name}", daemon=True)
+            t.start()
+            self._queues.append(q)
+            self._threads.append(t)
 
-    def _work(self) -> None:
+    def _work(self, q, fn) -> None:
         while True:
-            chunk = self._queue.get()
+            chunk = q.get()
             if chunk is None:
                 return
             if self._error is not None:
                 continue  # drain: the caller stops at its next put
             try:
-                self._hasher.update(chunk)
-                self._out.write(chunk)
+                fn(chunk)
             except BaseException as exc:
                 self._error = exc
 
     def put(self, chunk) -> None:
         if self._error is not None:
             raise self._error
-        # Held until the worker gets to it: a reader that reuses its buffer hands a copy.
-        self._queue.put(chunk if isinstance(chunk, bytes) else bytes(chunk))
+        # Held until the workers get to it: a reader that reuses its buffer hands a copy.
+        chunk = chunk if isinstance(chunk, bytes) else bytes(chunk)
+        for q in self._queues:
+            q.put(chunk)
 
     def close(self) -> None:
         """Wait for every chunk put so far to be hashed and written (or the first error)."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+        for q, t in zip(self._queues, self._threads):
+            if t.is_alive():
+                q.put(None)
+        for t in self._threads:
+            t.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error
