@@ -214,8 +214,8 @@ PLACEHOLDER = "__slp_value_{}__"
 
 def shape_of(argv: list[str]) -> tuple[list[str], list[str]]:
     """The overrides Hydra is given, with every plain value of a string-typed key
-    (``hash=``, ``path=``, ``out=``, names and tags) replaced by a placeholder, and the
-    values taken out. Such a value only ever lands, as a string, at its own key: so one
+    (``hash=``, ``path=``, ``out=``, names and tags) replaced by a quoted placeholder
+    (recorded as ``hash='<value>'``), and the values taken out. Such a value only ever lands, as a string, at its own key: so one
     kept config serves ``slp task=get hash=<any hash>``, and no hash, path or name is
     written down. Secret-named keys are never abstracted (a secret is never kept)."""
     from .cli import quote_string_values, string_value
@@ -227,9 +227,10 @@ def shape_of(argv: list[str]) -> tuple[list[str], list[str]]:
         if found is None or found[0] != found[0].lstrip("+~") or mask_override(arg) != arg:
             shape += quote_string_values([arg])
             continue
-        key, value, quoted = found
-        placeholder = PLACEHOLDER.format(len(values))
-        shape.append(f"{key}='{placeholder}'" if quoted else f"{key}={placeholder}")
+        key, value, _ = found
+        # Always quoted: a quoted string is a string, so a hash that starts with a digit
+        # (which Hydra might read as a number) and one that starts with a letter share it.
+        shape.append(f"{key}='{PLACEHOLDER.format(len(values))}'")
         values.append(value)
     return shape, values
 
