@@ -124,7 +124,8 @@ def main() -> None:
               "| part | seconds | share |", "|---|---|---|"]
     lines += [f"| {k} | {breakdown[k]:.3f} | {breakdown[k] / total:.0%} |"
               for k in ("interpreter", "imports", "compose", "work")]
-    lines += ["", f"imports: {len(mods)} modules beyond the interpreter's ({', '.join(m for m in mods if '.' not in m)})"]
+    top = ", ".join(m for m in mods if "." not in m)
+    lines += ["", f"imports: {len(mods)} modules beyond the interpreter's ({top})"]
     folder = out_dir("startup")
     publish(folder, lines, {"medians_s": medians, "breakdown_s": breakdown, "modules": mods, "reps": args.reps})
 

@@ -9,23 +9,27 @@ file with OmegaConf and never imports Hydra.
 
 What the composed config depends on is the key of its file: the command line (its
 shape: plain values of string-typed keys such as ``hash=`` and ``path=`` stand as
-placeholders, so one file serves every hash, and none is written down), this
-package's version and Python's, the files of the config folder and the modules that
-shape composition (their sizes and modification times), and Hydra's and OmegaConf's
-installed modules. Interpolations (``${oc.env:...}``, the example resolvers) are kept
-unresolved, so the environment and the working folder are read when the run reads
-them, as under Hydra. A file whose digest does not match its content (edited,
-truncated) is composed again and replaced. A command line or a config holding a
-secret (a secret-named key, a password in a URL) is never written down: it is
-composed each time. ``SLP_COMPOSE_CACHE=off`` turns the files off; a folder path
-moves them (default ``$XDG_CACHE_HOME/slp-runner/compose``).
+placeholders, so one file serves every hash, and none is written down), this package's
+version and Python's, the content of every config file, the modules that shape
+composition (their sizes and modification times), and Hydra's and OmegaConf's
+installed modules. The digest of an entry covers its key, and an entry is read only
+from a folder of this user that nobody else can write to. Interpolations
+(``${oc.env:...}``, the example resolvers) are kept unresolved, so the environment and
+the working folder are read when the run reads them, as under Hydra. A file whose
+digest does not match its content (edited, truncated) is composed again and replaced.
+A command line or a config that may hold a secret (a secret-named key, a URL with an
+``@``, an interpolation typed on the command line) is never written down: it is
+composed each time (:func:`keepable`). ``SLP_COMPOSE_CACHE=off`` turns the files off;
+a folder path moves them (default ``$XDG_CACHE_HOME/slp-runner/compose``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
+import stat
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +95,19 @@ def _module_file(name: str) -> str | None:
 
 
 def _tree(root: str) -> list:
+    """Every config file's path and content (a few KB in all): an edit that keeps the
+    size and the modification time (``cp -p``, ``rsync -t``) still changes the key."""
     out = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in sorted(files):
             if name.endswith((".yaml", ".yml")):
-                out.append(_stat(os.path.join(folder, name)))
+                path = os.path.join(folder, name)
+                try:
+                    with open(path, "rb") as f:
+                        out.append([path, f.read().decode("utf-8", "replace")])
+                except OSError:
+                    out.append([path, None])
     return out
 
 
@@ -108,50 +119,92 @@ def key_of(argv: list[str], conf_dir: str = CONF_DIR) -> str:
     return blake3(orjson.dumps(parts)).hexdigest()
 
 
-def _digest(body: bytes) -> str:
+def _digest(path: str, config: Any, overrides: Any) -> str:
+    """Over the entry's own key (its file name) too: an entry copied under another
+    command's name does not check."""
     from blake3 import blake3
 
+    body = orjson.dumps([os.path.basename(path), config, overrides], option=orjson.OPT_SORT_KEYS)
     return blake3(body).hexdigest()
 
 
-def load(path: str) -> tuple[dict, list[str]] | None:
-    """The config and overrides a cache file holds, or None (absent, damaged, stale format)."""
+def private_folder(folder: str) -> bool:
+    """Only a folder of this user that nobody else may write to: a config read back is
+    code that runs (its backend ``_target_`` is called), as ``ssh`` treats its keys."""
     try:
-        with open(path, "rb") as f:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def load(path: str) -> tuple[dict, list[str]] | None:
+    """The config and overrides a cache file holds, or None (absent, damaged, stale
+    format, not a regular file, kept under another key)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a fifo put there must not block
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             doc = orjson.loads(f.read())
-        body = orjson.dumps([doc["config"], doc["overrides"]], option=orjson.OPT_SORT_KEYS)
-        if doc.get("format") != FORMAT or doc.get("digest") != _digest(body):
+        if doc.get("format") != FORMAT or doc.get("digest") != _digest(path, doc["config"], doc["overrides"]):
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # the newest used is pruned last
         return doc["config"], list(doc["overrides"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def holds_secret(container: Any, overrides: list[str]) -> bool:
-    from .redaction import mask_override, url_passwords, values_under_secret_names
+def keepable(container: Any, overrides: list[str], argv: list[str] | None = None) -> bool:
+    """May this composition be written down? Not when it may hold a secret, and not
+    when JSON cannot hold it exactly. Erring on the side of composing again:
+    - an interpolation on the command line (Hydra records ``${oc.env:X}`` in the
+      overrides already resolved: an environment secret, and a value that would be stale);
+    - a value under a secret-looking name that is not an interpolation, of any type;
+    - anything like a URL with an ``@`` (``scheme://[user][:password]@host``);
+    - a secret-named override, whatever its value;
+    - a number JSON cannot carry (inf, nan, an integer beyond 64 bits)."""
+    from .redaction import is_secret_name, mask_override
 
-    literal = [v for v in values_under_secret_names(container) if "${" not in str(v)]
-    return bool(literal or url_passwords(container) or url_passwords(overrides)
-                or any(mask_override(o) != o for o in overrides))
+    if any("${" in o or ("://" in o and "@" in o) or mask_override(o) != o for o in [*overrides, *(argv or [])]):
+        return False
+
+    def sound(value: Any, secret: bool) -> bool:
+        if isinstance(value, dict):
+            return all(sound(v, secret or is_secret_name(k)) for k, v in value.items())
+        if isinstance(value, list):
+            return all(sound(v, secret) for v in value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+            return False
+        if isinstance(value, str):
+            return not (secret and "${" not in value) and not ("://" in value and "@" in value)
+        return not secret or value is None
+
+    return sound(container, False)
 
 
 def save(path: str, container: dict, overrides: list[str]) -> None:
     """Write the entry atomically; a cache that cannot be written is only skipped."""
     from .local_output import temp_name
 
-    body = orjson.dumps([container, overrides], option=orjson.OPT_SORT_KEYS)
-    doc = orjson.dumps({"format": FORMAT, "digest": _digest(body), "config": container, "overrides": overrides})
     folder = os.path.dirname(path)
     tmp = None
     try:
-        os.makedirs(folder, exist_ok=True)
+        doc = orjson.dumps({"format": FORMAT, "digest": _digest(path, container, overrides), "config": container,
+                            "overrides": overrides})
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not private_folder(folder):
+            return
         tmp = temp_name(folder, ".compose-")
         with open(tmp, "xb") as f:
             f.write(doc)
         os.replace(tmp, path)
         tmp = None
         _prune(folder)
-    except OSError:
+    except (OSError, TypeError):  # TypeError: what orjson cannot write (keepable() said no already)
         pass
     finally:
         if tmp:
@@ -159,12 +212,22 @@ def save(path: str, container: dict, overrides: list[str]) -> None:
                 os.unlink(tmp)
 
 
+_ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+
+
 def _prune(folder: str) -> None:
+    """Keep the KEEP most recently used entries; only files this module names are
+    touched (entries, and temporary files a killed write left over an hour ago)."""
+    import time
+
     entries = []
     for name in os.listdir(folder):
-        if name.endswith(".json"):
-            with contextlib.suppress(OSError):
-                entries.append((os.stat(os.path.join(folder, name)).st_mtime_ns, name))
+        with contextlib.suppress(OSError):
+            mtime = os.stat(os.path.join(folder, name)).st_mtime_ns
+            if _ENTRY.fullmatch(name):
+                entries.append((mtime, name))
+            elif name.startswith(".compose-") and mtime < (time.time() - 3600) * 1e9:
+                os.unlink(os.path.join(folder, name))
     for _, name in sorted(entries)[:-KEEP]:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(folder, name))
@@ -213,11 +276,12 @@ PLACEHOLDER = "__slp_value_{}__"
 
 
 def shape_of(argv: list[str]) -> tuple[list[str], list[str]]:
-    """The overrides Hydra is given, with every plain value of a string-typed key
-    (``hash=``, ``path=``, ``out=``, names and tags) replaced by a quoted placeholder
-    (recorded as ``hash='<value>'``), and the values taken out. Such a value only ever lands, as a string, at its own key: so one
-    kept config serves ``slp task=get hash=<any hash>``, and no hash, path or name is
-    written down. Secret-named keys are never abstracted (a secret is never kept)."""
+    """The overrides Hydra is given, with every plain value of a string-typed key (``hash=``,
+    ``path=``, ``out=``, names and tags) replaced by a quoted placeholder (recorded as
+    ``hash='<value>'``), and the values taken out. Such a value only ever lands, as a
+    string, at its own key: so one kept config serves ``slp task=get hash=<any
+    hash>``, and no hash, path or name is written down. Secret-named keys are never
+    abstracted (a secret is never kept)."""
     from .cli import quote_string_values, string_value
     from .redaction import mask_override
 
@@ -246,11 +310,21 @@ def _fill(value: Any, values: list[str]) -> Any:
     return value
 
 
+def quote_string_values(argv: list[str]) -> list[str]:
+    from .cli import quote_string_values as quote
+
+    return quote(argv)
+
+
 def compose_single(argv: list[str]) -> Composed:
     """The config of ``slp <argv>`` for a single run: from its kept file when there is a
     sound one, else composed by Hydra once and kept unless it holds a secret."""
     shape, values = shape_of(argv)
     folder = cache_dir()
+    if any("__slp_value_" in a for a in argv):  # the placeholders' own text, typed: compose as given
+        shape, values, folder = quote_string_values(argv), [], None
+    if folder and os.path.isdir(folder) and not private_folder(folder):
+        folder = None  # another user could have written it: never read back
     path = os.path.join(folder, key_of(shape) + ".json") if folder else None
     found = load(path) if path and os.path.exists(path) else None
     if found is not None:
@@ -265,6 +339,6 @@ def compose_single(argv: list[str]) -> Composed:
         container, overrides = compose_with_hydra(_fill(shape, values))
         return Composed(_as_config(container), overrides, False)
     real, real_overrides = _fill(container, values), _fill(overrides, values)
-    if path and not holds_secret(real, real_overrides):
+    if path and keepable(real, real_overrides, argv):
         save(path, container, overrides)
     return Composed(_as_config(real), real_overrides, False)

@@ -188,3 +188,80 @@ def test_pipeline_run_records_its_overrides_on_both_paths(env, tmp_path):
     recorded = [*args[:3], "prompts.name='batch'"]  # string values: quoted, so they stay strings on replay
     assert [json.loads(m.read_text())["overrides"] for m in manifests] == [
         [*recorded, "prompts.tag='v1'"], [*recorded, "prompts.tag='0042'"]]
+
+
+# -- what a probe as a new user found: none of it may be kept, or served wrong ----------
+
+
+@pytest.mark.parametrize("override", [
+    "+provenance.note='${oc.env:SLP_TEST_TOKEN}'",  # Hydra records it resolved
+    "+provenance.big=123456789012345678901234567890",  # beyond JSON's 64 bits
+    "+provenance.score=inf",  # JSON has no inf: it would come back as null
+    "+provenance.url=http://:SEKRIT-empty-user@host",
+    "+provenance.url=http://u:SEKRIT/slash@host",
+    "+provenance={secret:1234567.5}",
+])
+def test_what_json_or_secrecy_cannot_keep_is_composed_each_time(env, override):
+    env["SLP_TEST_TOKEN"] = "SEKRIT-from-the-environment"
+    for _ in range(2):
+        got = slp(env, "task=ls", override, "format=json")
+        assert got.returncode == 0, got.stderr
+    assert entries(env) == []
+
+
+def test_interpolated_override_is_recorded_as_of_each_run(env, tmp_path):
+    runs = tmp_path / "runs"
+    for value in ("one", "two"):
+        env["SLP_TEST_NOTE"] = value
+        got = slp(env, "pipeline=store_prompts", f"runner.runs_dir={runs}",
+                  "+provenance.note='${oc.env:SLP_TEST_NOTE}'")
+        assert got.returncode == 0, got.stderr
+    notes = sorted(o for m in runs.glob("*/manifest.json") for o in json.loads(m.read_text())["overrides"]
+                   if o.startswith("+provenance"))
+    assert notes == ["+provenance.note='one'", "+provenance.note='two'"]
+
+
+def test_an_entry_under_another_commands_name_is_not_served(env):
+    ls = slp(env, "task=ls", "format=json")
+    (a,) = entries(env)
+    runs = slp(env, "task=runs", "format=json")
+    (b,) = set(entries(env)) - {a}
+    shutil.copyfile(b, a)  # a whole, well-formed entry, of the other command
+    again = slp(env, "task=ls", "format=json")
+    assert again.returncode == 0 and json.loads(again.stdout) == json.loads(ls.stdout) != json.loads(runs.stdout)
+
+
+def test_a_folder_others_can_write_is_never_read(env):
+    folder = env["SLP_COMPOSE_CACHE"]
+    os.makedirs(folder)
+    os.chmod(folder, 0o777)
+    for _ in range(2):
+        got = slp(env, "task=ls", importtime=True)
+        assert got.returncode == 0 and "hydra" in imported(got)
+    assert entries(env) == []
+
+
+def test_a_fifo_in_place_of_an_entry_does_not_block(env):
+    assert slp(env, "task=ls").returncode == 0
+    (entry,) = entries(env)
+    os.unlink(entry)
+    os.mkfifo(entry)
+    got = subprocess.run([SLP, "task=ls"], env=env, capture_output=True, text=True, timeout=60)
+    assert got.returncode == 0, got.stderr
+
+
+def test_prune_touches_only_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(compose, "KEEP", 3)
+    for i in range(5):
+        (tmp_path / f"{i:064x}.json").write_text("{}")
+        os.utime(tmp_path / f"{i:064x}.json", (1000 + i, 1000 + i))
+    (tmp_path / "mydata.json").write_text("{}")
+    os.utime(tmp_path / "mydata.json", (1, 1))
+    compose._prune(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mydata.json"] + [f"{i:064x}.json" for i in (2, 3, 4)])
+
+
+def test_placeholder_text_typed_is_taken_as_typed(env):
+    off = slp(dict(env, SLP_COMPOSE_CACHE="off"), "task=ls", "name=__slp_value_1__", "tag=xx")
+    on = slp(env, "task=ls", "name=__slp_value_1__", "tag=xx")
+    assert (on.returncode, on.stdout, on.stderr) == (off.returncode, off.stdout, off.stderr)
