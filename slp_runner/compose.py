@@ -310,18 +310,14 @@ def _fill(value: Any, values: list[str]) -> Any:
     return value
 
 
-def quote_string_values(argv: list[str]) -> list[str]:
-    from .cli import quote_string_values as quote
-
-    return quote(argv)
-
-
 def compose_single(argv: list[str]) -> Composed:
     """The config of ``slp <argv>`` for a single run: from its kept file when there is a
     sound one, else composed by Hydra once and kept unless it holds a secret."""
     shape, values = shape_of(argv)
     folder = cache_dir()
     if any("__slp_value_" in a for a in argv):  # the placeholders' own text, typed: compose as given
+        from .cli import quote_string_values
+
         shape, values, folder = quote_string_values(argv), [], None
     if folder and os.path.isdir(folder) and not private_folder(folder):
         folder = None  # another user could have written it: never read back
