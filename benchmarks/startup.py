@@ -1,6 +1,9 @@
 """What a user waits for before ``slp`` does anything: whole-process times of the
 commonest commands beside Python's own floor and ``import hydra``, and where the
-time of a warm ``slp task=get`` goes (interpreter, imports, compose, work).
+time of a warm ``slp task=get`` goes (interpreter, imports, compose, work). ``slp``
+runs through its resident server (started first, in a folder of the benchmark's) and,
+as ``own process``, with ``SLP_SERVER=off`` (a first command); the breakdown is of
+the latter.
 
     python -m benchmarks.startup [--reps 11] [--before /path/to/older/checkout]
 
@@ -79,7 +82,10 @@ def main() -> None:
     py, slp = sys.executable, os.path.join(os.path.dirname(sys.executable), "slp")
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, SLP_STORE_ROOT=os.path.join(tmp, "store"), SLP_CACHE_DIR=os.path.join(tmp, "cache"),
-                   SLP_COMPOSE_CACHE=os.path.join(tmp, "compose"))
+                   SLP_COMPOSE_CACHE=os.path.join(tmp, "compose"), SLP_SERVER_DIR=os.path.join(tmp, "srv"))
+        env.pop("SLP_SERVER", None)
+        alone = dict(env, SLP_SERVER="off")  # each command in its own process: a first command
+        subprocess.run([slp, "--start-server"], env=env, check=True, stdout=subprocess.DEVNULL)
         blob = os.path.join(tmp, "blob.bin")
         with open(blob, "wb") as f:
             f.write(os.urandom(1 << 20))
@@ -92,8 +98,11 @@ def main() -> None:
             "python -c 'import hydra'": ([py, "-c", "import hydra"], env),
             "slp --version": ([slp, "--version"], env),
             "slp task=get (cache hit)": ([slp, *get], env),
-            "slp task=get (cache hit), SLP_COMPOSE_CACHE=off": ([slp, *get], dict(env, SLP_COMPOSE_CACHE="off")),
             "slp task=ls": ([slp, *ls], env),
+            "slp task=get (cache hit), own process": ([slp, *get], alone),
+            "slp task=get (cache hit), own process, SLP_COMPOSE_CACHE=off": (
+                [slp, *get], dict(alone, SLP_COMPOSE_CACHE="off")),
+            "slp task=ls, own process": ([slp, *ls], alone),
         }
         if args.before:
             old = dict(env, PYTHONPATH=os.path.abspath(args.before))
@@ -114,6 +123,7 @@ def main() -> None:
                                            cwd=tmp).stdout.splitlines()[-1]) for _ in range(args.reps)]
         breakdown = {k: statistics.median(p[k] for p in parts) for k in ("imports", "compose", "work")}
         breakdown["interpreter"] = medians["python -c pass"]
+        subprocess.run([slp, "--stop-server"], env=env, stdout=subprocess.DEVNULL)
 
     hydra = medians["python -c 'import hydra'"]
     lines = ["# Start-up, whole process", "", f"Median of {args.reps}; Python {sys.version.split()[0]}, "

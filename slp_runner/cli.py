@@ -215,6 +215,11 @@ def composition_error_line(exc: BaseException, argv: list[str]) -> str:
 
     unknown = re.search(r"Could not override '([^']+)'", str(exc))
     if unknown and re.search(r"not in (struct|')", f"{exc} {exc.__cause__}"):
+        deleted = _deleted_above(unknown.group(1), argv)
+        if deleted:
+            typed, gone = deleted
+            return (f"{typed} sets a key inside {gone!r}, which ~{gone} deleted "
+                    f"(drop ~{gone}, or write +{typed} to add it back)")
         from .cli_help import suggest_key
 
         return suggest_key(unknown.group(1), argv)
@@ -228,6 +233,18 @@ def composition_error_line(exc: BaseException, argv: list[str]) -> str:
         what = {"Integer": "a whole number", "Boolean": "true or false (yes/no, on/off)", "Float": "a number"}[wanted]
         return f"{key} must be {what}, got {value!r}"
     return hydra_error_line(exc)
+
+
+def _deleted_above(key: str, argv: list[str]) -> tuple[str, str] | None:
+    """``(override, deleted)`` when a ``~deleted`` on the command line removed ``key``
+    or a node above it, so that setting ``key`` could not work."""
+    for arg in argv:
+        if arg.startswith("~"):
+            gone = arg[1:].partition("=")[0]
+            if key == gone or key.startswith(gone + "."):
+                typed = next((a.lstrip("+") for a in argv if a.lstrip("+").partition("=")[0] == key), key)
+                return typed, gone
+    return None
 
 
 def run_reporting_errors(cfg) -> None:

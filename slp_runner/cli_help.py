@@ -142,6 +142,8 @@ references: hash= takes a full BLAKE3 hash, a unique prefix of 8+ hex digits, or
 output:     format=json prints one JSON document on stdout (put, get, show, verify, ls, tag, runs, ...)
 
 other:  slp --version | slp --completion bash | slp --hydra-help (Hydra's flags) | slp ... -c job (the composed config)
+server: commands run in a resident slp process of yours, started by the first (SLP_SERVER=off: each in its own);
+        slp --start-server | slp --stop-server
 errors: one line on stderr, `slp: error: ...`, exit 1 (2 when the command line cannot be composed: an unknown
         key, group or a value of the wrong type); SLP_TRACE=1 shows the traceback
 """
@@ -221,7 +223,7 @@ _slp_complete() {{
             local IFS=$'\n'
             COMPREPLY=($(compgen -f -- "${{cur#*=}}")); compopt -o filenames 2>/dev/null; return 0 ;;
         *=*) return 0 ;;
-        -*) words="--help --version --completion --hydra-help -m --multirun -c" ;;
+        -*) words="--help --version --completion --hydra-help -m --multirun -c --start-server --stop-server" ;;
         *) words="{keys}"; compopt -o nospace 2>/dev/null ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))

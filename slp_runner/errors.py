@@ -24,7 +24,8 @@ non-zero without a traceback::
     Interrupted              (a KeyboardInterrupt, not an SlpError) a stop signal
 
 Backend modules raise built-in ``OSError`` subclasses, as fsspec filesystems do;
-the store turns those into the errors above at its edge.
+the store turns those into the errors above at its edge (:func:`one_line` for a
+library's message that spans several lines).
 """
 
 from __future__ import annotations
@@ -86,6 +87,19 @@ class EngineError(SlpError):
 
 class NotAbandoned(SlpError):
     pass
+
+
+def one_line(exc: BaseException) -> str:
+    """``str(exc)`` as one line that keeps the reason. Some libraries put a heading that
+    ends in ``:`` first and the reasons below it (botocore's ParamValidationError:
+    ``Parameter validation failed:`` then one line per invalid parameter): the first
+    line alone would say nothing, so the heading and every reason are joined."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return lines[0]
 
 
 class Interrupted(KeyboardInterrupt):

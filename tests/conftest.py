@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -18,6 +19,29 @@ BACKEND_NAMES = ["local", "seaweedfs", "s3"]
 TEST_MAX_VOLUMES = 700
 TEST_CONF = os.path.join(os.path.dirname(__file__), "conf")  # test pipelines (cycle, failing, ...)
 EXAMPLE_PROMPTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "slp_runner", "examples", "prompts.jsonl")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slp_servers():
+    """Every ``slp`` a test runs goes through a server (slp_runner/server.py), as a user's
+    does, in a folder of this session's (short: a socket path must fit in 107 bytes),
+    and the servers started there are stopped when the session ends."""
+    import shutil
+    import signal
+    import tempfile
+
+    from slp_runner.client import server_pid
+
+    folder = tempfile.mkdtemp(prefix="slp-srv-")
+    os.environ["SLP_SERVER_DIR"] = folder
+    yield folder
+    for name in os.listdir(folder):
+        if name.endswith(".sock.pid"):
+            pid = server_pid(os.path.join(folder, name[: -len(".pid")]))
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -176,7 +176,9 @@ def test_server_that_dies_fails_the_run_and_nothing_is_left(make_cfg, stored, tm
     def kill_server_once_generating():
         deadline = time.time() + 120
         while time.time() < deadline and not killed.is_set():
-            mine = [p for p in llama_servers() if p.ppid() == proc.pid]
+            # started by the worker that runs the command (slp_runner/server.py): found by
+            # the model path under this test's cache, not as a child of proc
+            mine = [p for p in llama_servers() if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
             # Only once the inference stage runs (the model is loaded): on a loaded
             # machine a fixed delay could land while the model is still loading.
             generating = glob.glob(str(tmp_path / "runs" / ".staging" / "*" / "logs" / "inference.log"))

@@ -3,6 +3,7 @@ a run as Ctrl-C does (interrupted, engine stopped, folder finalized and publishe
 128+signal); a run killed with SIGKILL is listed as abandoned and can be finalized or
 cleaned, while a live run is never touched."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -313,8 +314,14 @@ def test_sigterm_during_inference_stops_the_llama_server(env, tmp_path, gemma_pa
     deadline = time.time() + 90
     log = os.path.join(runs, ".staging", rid, "logs", "inference.log")
     while time.time() < deadline and proc.poll() is None:
-        kids = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if "llama-server" in " ".join(p.cmdline())]
+        # started by the worker that runs the command (slp_runner/server.py), not by proc
+        # itself: found by the model path under this test's cache
+        kids = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                line = " ".join(p.cmdline())
+                if "llama-server" in line and str(tmp_path) in line:
+                    kids.append(p)
         if kids and os.path.exists(log):
             server = kids[0]
             break

@@ -21,6 +21,7 @@ def env(tmp_path):
     e = dict(os.environ)
     e.update(SLP_STORE_ROOT=str(tmp_path / "store"), SLP_CACHE_DIR=str(tmp_path / "cache"),
              SLP_COMPOSE_CACHE=str(tmp_path / "compose"))
+    e["SLP_SERVER"] = "off"  # what a process imports itself: a first run, or SLP_SERVER=off
     return e
 
 

@@ -7,7 +7,9 @@ only ever sees a :class:`Backend`; it never knows which kind it is.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +17,17 @@ import fsspec
 
 from ..errors import ConfigError
 from ..hashing import STREAM_CHUNK
-from ..redaction import strip_url_password
+from ..redaction import REDACTED, strip_url_password
+
+# S3's rule for a bucket name (AWS, MinIO and SeaweedFS's gateway alike). Checked here
+# because botocore lets capitals and "_" through to the server, and words its own
+# refusal of the rest over several lines.
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+BUCKET_RULE = ("3-63 characters: lowercase letters, digits, dots and hyphens, "
+               "starting and ending with a letter or digit")
+# botocore's rule for a region: a host label, not all digits.
+REGION_RE = re.compile(r"(?![0-9]+$)(?!-)[a-zA-Z0-9-]{1,63}(?<!-)")
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
 
 @dataclass
@@ -75,6 +87,94 @@ class Backend:
         return "/".join([self.root.rstrip("/"), *parts]) if self.root else "/".join(parts)
 
 
+# -- checks of what the user typed ------------------------------------------------
+# A backend key with a wrong value fails here, when the backend is built, as one
+# ConfigError naming ``backend.<key>`` and the value: later it would surface as an
+# "unreachable" backend or a library's message about something else.
+
+
+def _typed(value: Any) -> str:
+    """A value as the user typed it: ``'abc'`` quoted, ``-1``, ``true``."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _seconds(key: str, value: Any, *, zero: bool) -> float:
+    """``value`` as a finite number of seconds, more than 0 (or 0 or more: ``zero``)."""
+    bound = "0 or more" if zero else "more than 0"
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero):
+        raise ConfigError(f"backend.{key}: {_typed(value)} is not a number of seconds ({bound})")
+    return seconds
+
+
+def _count(key: str, value: Any, *, least: int, unit: str = "") -> int:
+    """``value`` as a whole number of at least ``least`` (``5``, or ``"5"`` from an env variable)."""
+    try:
+        number = int(value, 10) if isinstance(value, str) else value
+    except ValueError:
+        number = None
+    if not isinstance(number, int) or isinstance(number, bool) or number < least:
+        raise ConfigError(f"backend.{key}: {_typed(value)} is not a whole number{unit} ({least} or more)")
+    return number
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"backend.{key}: {_typed(value)} is not true or false (yes/no, on/off)")
+
+
+def _shown_url(url: str) -> str:
+    """``url`` for a message, with whatever may be a password masked, even where the URL
+    is malformed (no scheme, no host) and so beyond :func:`strip_url_password`'s pattern:
+    everything between the user name's ``:`` and the last ``@``, or the whole user part."""
+    head, at, host = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, userinfo = head.partition("://") if "://" in head else ("", "", head)
+    user, colon, _ = userinfo.partition(":")
+    if colon and "/" not in user:
+        return f"{scheme}{sep}{user}:{REDACTED}@{host}"
+    return f"{scheme}{sep}{REDACTED}@{host}"
+
+
+def _http_url(key: str, value: Any, example: str) -> str:
+    """``value`` if it is an http(s) URL with a host (and, if any, a numeric port)."""
+    from urllib.parse import urlsplit  # stdlib, already loaded by fsspec
+
+    ok = isinstance(value, str) and not any(c.isspace() for c in value)
+    if ok:
+        try:
+            parts = urlsplit(value)
+            _ = parts.port  # a port that is not a number in range raises ValueError
+            ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            ok = False
+    if not ok:
+        shown = repr(_shown_url(value)) if isinstance(value, str) else _typed(value)
+        raise ConfigError(f"backend.{key}: {shown} is not an http(s) URL (like {example})")
+    return value
+
+
+def _bucket(value: Any) -> str:
+    bucket = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(bucket, str) or not BUCKET_RE.fullmatch(bucket):
+        raise ConfigError(f"backend.bucket: {_typed(value)} is not an S3 bucket name ({BUCKET_RULE})")
+    return bucket
+
+
+def _region(value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and REGION_RE.fullmatch(value)):
+        raise ConfigError(f"backend.region: {_typed(value)} is not an AWS region name (like us-east-1: "
+                          f"letters, digits and hyphens)")
+    return value
+
+
 def local_backend(root: str, **_: Any) -> Backend:
     """The embedded default: a folder on this machine, through fsspec's LocalFileSystem."""
     from fsspec.implementations.local import LocalFileSystem
@@ -91,13 +191,17 @@ def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, ret
     ``retries``: a failed request is tried again at most this many times, retry n >= 2
     after ``backoff * 2**(n-1)`` seconds plus jitter (the first at once); a read cut
     part-way continues with a ranged GET at most this many times."""
+    filer_url = _http_url("filer_url", filer_url, "http://127.0.0.1:8888")
+    timeout = _seconds("timeout", timeout, zero=False)
+    retries = _count("retries", retries, least=0)
+    backoff = _seconds("backoff", backoff, zero=True)
     fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, retries=retries, backoff=backoff,
                            skip_instance_cache=True)
     location = strip_url_password(f"{filer_url.rstrip('/')}/{root.strip('/')}")
     from .seaweedfs import upload_verified
 
     return Backend("seaweedfs", fs, root.strip("/"), location, {"block_size": 0},
-                   resumes=max(0, int(retries)), resume_backoff=backoff, atomic_put=True,
+                   resumes=retries, resume_backoff=backoff, atomic_put=True,
                    verified_upload=functools.partial(upload_verified, fs))
 
 
@@ -131,6 +235,18 @@ def s3_backend(
     a download cut even so continues from the next byte at most ``retries`` times
     (the first at once, the n-th after ``backoff * 2**(n-1)`` seconds).
     """
+    # Before s3fs is imported: a typo fails at once, and the same way with or without it.
+    if endpoint_url not in (None, ""):
+        endpoint_url = _http_url("endpoint_url", endpoint_url, "http://127.0.0.1:8333")
+    bucket = _bucket(bucket)
+    region = _region(region)
+    create_bucket = _flag("create_bucket", create_bucket)
+    connect_timeout = _seconds("connect_timeout", connect_timeout, zero=False)
+    retries = _count("retries", retries, least=0)
+    backoff = _seconds("backoff", backoff, zero=True)
+    part_size_mb = _count("part_size_mb", part_size_mb, least=1, unit=" of MiB")
+    max_concurrency = _count("max_concurrency", max_concurrency, least=1)
+    read_concurrency = _count("read_concurrency", read_concurrency, least=1)
     try:
         import s3fs
     except ImportError:
@@ -146,14 +262,14 @@ def s3_backend(
         secret=secret or None,
         client_kwargs=client_kwargs,
         config_kwargs={"connect_timeout": connect_timeout,
-                       "retries": {"mode": "standard", "total_max_attempts": max(0, int(retries)) + 1}},
+                       "retries": {"mode": "standard", "total_max_attempts": retries + 1}},
         # 1: a whole-object cat_file (a manifest) is one GET, not a HEAD (and, for a
         # missing key, a listing) to size it first; uploads and downloads of objects
         # bring their own concurrency (write_options, upload_verified, download_ordered).
         max_concurrency=1,
         skip_instance_cache=True,
     )
-    fs.retries = max(0, int(retries)) + 1  # s3fs's own loop around a GET and its body read (default 5)
+    fs.retries = retries + 1  # s3fs's own loop around a GET and its body read (default 5)
     location = strip_url_password(f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/"))
 
     def make_bucket() -> None:
@@ -175,6 +291,6 @@ def s3_backend(
                                          concurrency=read_concurrency),
         prepare_write=make_bucket,
         atomic_put=True,
-        resumes=max(0, int(retries)),
+        resumes=retries,
         resume_backoff=backoff,
     )

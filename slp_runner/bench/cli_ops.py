@@ -16,8 +16,12 @@ The slp processes find the backend the way a user's shell points them at it: the
 variables ``conf/backend/*.yaml`` read (``SLP_STORE_ROOT``, ``SLP_FILER_URL``,
 ``SLP_FILER_ROOT``, ``SLP_S3_ENDPOINT``, ``SLP_S3_BUCKET``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``), taken from the job's own store, plus the overrides the
-user typed that concern the backend (:func:`passed_overrides`). Each process's peak
-RSS is its own ``ru_maxrss``, read with ``wait4``. The config slp remembers per command
+user typed that concern the backend (:func:`passed_overrides`). ``slp`` hands each
+command to its resident server (:mod:`slp_runner.server`), started before timing in a
+folder of the job's, as a user's earlier commands would have; each op also times
+``slp`` in its own process (``SLP_SERVER=off``: a first command), reported as
+``own_process``. Each process's peak RSS is its own ``ru_maxrss``, read with
+``wait4``, or its server worker's where that is larger. The config slp remembers per command
 line is kept in the job's own folder (unless ``SLP_COMPOSE_CACHE`` is set): the
 ``bench.warmup`` processes fill it, as a user's earlier commands would.
 """
@@ -25,12 +29,14 @@ line is kept in the job's own folder (unless ``SLP_COMPOSE_CACHE`` is set): the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Iterable
 
@@ -144,6 +150,15 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
     backend_env, extra = backend_settings(backend, passed)
     args = [*extra, *passed]
     env = {**os.environ, **backend_env, "SLP_CACHE_DIR": os.path.join(work, "cache-none")}
+    # slp hands each command to a resident server (slp_runner/server.py), as for a user
+    # whose earlier commands started it: a folder of this job's (short enough for a
+    # socket path), the server started before timing and stopped after. Each slp is also
+    # timed in its own process (SLP_SERVER=off): a user's first command, or no server.
+    served = env.get("SLP_SERVER", "").lower() not in ("off", "0", "false", "no")
+    server_dir = tempfile.mkdtemp(prefix="slp-bench-") if served else None
+    if server_dir:
+        env.update(SLP_SERVER_DIR=server_dir, SLP_WORKER_RUSAGE=os.path.join(work, "worker-rusage.json"))
+    alone_env = {**env, "SLP_SERVER": "off"}
     # slp remembers the config a command line composes to (slp_runner/compose.py): a
     # folder of this job's own, so that the warmup iterations, not whatever ran before,
     # leave it as a user's earlier commands would. A user's own setting (off) is kept.
@@ -151,15 +166,25 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
     slp = slp_command()
     counter = iter(range(1_000_000))
 
-    def run_slp(*task: str, cache: str | None = None) -> ProcessUsage:
-        """One slp process; without ``cache``, in a new empty cache removed after it."""
-        if cache is not None:
-            return run_process([slp, *task, *args], {**env, "SLP_CACHE_DIR": cache}, work)
-        fresh = os.path.join(work, f"cache-{next(counter)}")
+    def run_slp(*task: str, cache: str | None = None, own_process: bool = False) -> ProcessUsage:
+        """One slp process; without ``cache``, in a new empty cache removed after it. Its
+        peak RSS is its server worker's where one ran the command (the larger)."""
+        base = alone_env if own_process else env
+        fresh = cache or os.path.join(work, f"cache-{next(counter)}")
+        report = base.get("SLP_WORKER_RUSAGE")
+        if report:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(report)
         try:
-            return run_process([slp, *task, *args], {**env, "SLP_CACHE_DIR": fresh}, work)
+            usage = run_process([slp, *task, *args], {**base, "SLP_CACHE_DIR": fresh}, work)
         finally:
-            shutil.rmtree(fresh, ignore_errors=True)
+            if cache is None:
+                shutil.rmtree(fresh, ignore_errors=True)
+        if report and os.path.exists(report):
+            with open(report) as f:
+                worker_kib = json.load(f)["maxrss_kib"]
+            usage = ProcessUsage(usage.seconds, max(usage.peak_rss_mib, worker_kib / 1024), usage.stdout)
+        return usage
 
     def cleanup(oid: str) -> None:
         for path in (store.object_path(BLOB, oid), store.manifest_path(BLOB, oid)):
@@ -167,11 +192,14 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
                 store.fs.rm(path)
 
     ours = Series(f"slp {backend.name} (process)", size)
+    alone = Series(f"slp {backend.name} (own process, no server)", size)
     ref = floor = ref_tool = None
     task: list[str] = []
     ref_command = None
     stored_oid = None
     try:
+        if server_dir:
+            run_process([slp, "--start-server"], env, work)
         if op in ("cli_get", "cli_put") and reference:
             ref_tool = reference_for(backend)
             ref = Series(ref_tool.download_tool if op == "cli_get" else ref_tool.upload_tool, size)
@@ -190,6 +218,7 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
             if op == "cli_get":
                 task = ["task=get", f"hash={stored_oid}"]
                 ours.measure(lambda: run_slp(*task), record)
+                alone.measure(lambda: run_slp(*task, own_process=True), record)
                 if ref_tool:
                     argv = ref_tool.download_command(dest)
                     ref.measure(lambda: run_process(argv, env, work), record)
@@ -200,6 +229,8 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
                 refresh_head(data)
                 task, got = ["task=put", "kind=blob", f"path={data}"], []
                 ours.measure(lambda: got.append(run_slp(*task)) or got[-1], record)
+                refresh_head(data)
+                alone.measure(lambda: got.append(run_slp(*task, own_process=True)) or got[-1], record)
                 for usage in got:
                     found = PUT_HASH_RE.search(usage.stdout)
                     cleanup(found.group(1) if found else hash_file(data).blake3)
@@ -211,11 +242,16 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
                 task = ["task=get", f"hash={stored_oid}"] if op == "cli_hit" else ["task=ls"]
                 cache = os.path.join(work, "cache-warm") if op == "cli_hit" else None
                 ours.measure(lambda: run_slp(*task, cache=cache), record)
+                alone.measure(lambda: run_slp(*task, cache=cache, own_process=True), record)
                 if ref is not None:
                     ref_command = [sys.executable, "-c", "import hydra"]
                     ref.measure(lambda: run_process(ref_command, env, work), record)
                     floor.measure(lambda: run_process([sys.executable, "-c", "pass"], env, work), record)
     finally:
+        if server_dir:
+            with contextlib.suppress(Exception):
+                run_process([slp, "--stop-server"], env, work)
+            shutil.rmtree(server_dir, ignore_errors=True)
         if stored_oid:
             cleanup(stored_oid)
         if ref_tool:
@@ -233,6 +269,8 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
              *("<script>" if "\n" in a else strip_url_password(a) for a in ref_command[1:])])
     if floor is not None:
         extra_metrics["floor"] = floor.summary()
+    if served and alone.seconds:
+        extra_metrics["own_process"] = alone.summary()
     if ref is not None and ours.seconds and ref.seconds:
         # slp's median time over the reference's: the issue's target for cli_hit is <= 1.6
         extra_metrics["time_ratio_to_reference"] = round(percentile(ours.seconds, 50) / percentile(ref.seconds, 50), 3)

@@ -154,14 +154,16 @@ def build_table(run_dir: str) -> str:
                 ORDER.index(what) if what in ORDER else len(ORDER), size or 0)
 
     lines = ["| what | in-process: slp | reference | ratio | whole process: slp | reference | ratio | "
-             "slp process peak RSS |", "|---|---|---|---|---|---|---|---|"]
+             "slp, own process | slp peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(cells, key=order):
         backend, what, size = key
         row = cells[key]
         inside = _cells(row["in"], "in") if "in" in row else ("-", "-", "-")
         whole = _cells(row["process"], "process") if "process" in row else ("-", "-", "-")
+        alone = _num((row.get("process") or {}).get("own_process_p50_ms"))
         label = f"{backend}: {what}" + (f", {size:g} MiB" if size is not None else "")
-        lines.append("| " + " | ".join([label, *inside, *whole, rss.get(key, "-")]).replace("\n", " ") + " |")
+        lines.append("| " + " | ".join([label, *inside, *whole, _time(alone / 1000) if alone else "-",
+                                         rss.get(key, "-")]).replace("\n", " ") + " |")
     sweeps_done = ", ".join(f"{name} ({_iterations(rows)} iterations)" for name, rows in sweeps)
     lines += [
         "",
@@ -170,6 +172,9 @@ def build_table(run_dir: str) -> str:
         "ratio = slp MiB/s / reference MiB/s. Whole process: the command a user types (`slp task=get hash=<h>`, "
         "`slp task=put kind=blob path=<file>`, `slp task=ls`, with the backend in the environment), wall clock "
         "from spawn to exit; time = median, ratio = reference median / slp median. A ratio above 1: slp is faster. "
+        "`slp` hands a command to its resident server (started by an earlier command); \"own process\" is the "
+        "same command run in its own process (`SLP_SERVER=off`, or a first command), median. Peak RSS: the slp "
+        "process's, or its server worker's. "
         "For the in-process cache hit the reference is slp's own cold get.",
         *[f"- {n}." for n in notes],
         "",

@@ -27,8 +27,8 @@ RESULT = "result.json"
 MULTIRUN_YAML = "multirun.yaml"  # what Hydra's basic sweeper saves in the sweep folder
 COLUMNS = ["backend", "op", "size_mb", "status", "slp_mib_s", "slp_p5_ms", "slp_p50_ms", "slp_p95_ms", "slp_p99_ms",
            "slp_stdev_ms", "success_rate", "errors", "reference", "reference_mib_s", "reference_p5_ms",
-           "reference_p50_ms", "reference_p95_ms", "ratio", "time_ratio", "floor", "floor_p50_ms", "peak_rss_mib",
-           "run_id", "job", "overrides", "error"]
+           "reference_p50_ms", "reference_p95_ms", "ratio", "time_ratio", "floor", "floor_p50_ms", "own_process_p50_ms",
+           "peak_rss_mib", "run_id", "job", "overrides", "error"]
 # Row columns a job's parameters fill when it left no metrics (it failed): column -> config key.
 PARAMS = {"backend": "backend", "op": "bench.op", "size_mb": "bench.size_mb"}
 MD_ERROR_CHARS = 200  # summary.md is printed on the console; summary.csv keeps the whole error
@@ -125,6 +125,7 @@ def _row(job: str, result: dict, defaults: dict[str, Any] | None = None) -> list
             "reference_p95_ms": ref_lat.get("p95"), "ratio": m.get("ratio_to_reference"),
             "time_ratio": m.get("time_ratio_to_reference"), "floor": floor.get("tool"),
             "floor_p50_ms": (floor.get("latency_ms") or {}).get("p50"), "peak_rss_mib": m.get("peak_rss_mib"),
+            "own_process_p50_ms": ((m.get("own_process") or {}).get("latency_ms") or {}).get("p50"),
         })
     if not rows:  # no metrics (the job failed): its parameters are what it was asked to run
         given = {**(defaults or {}), **dict(filter(None, map(parse_override, overrides)))}
@@ -183,7 +184,8 @@ def write_summary(sweep_dir: str, defaults: dict[str, Any] | None = None) -> lis
     processes = [r for r in rows if str(r.get("op")).startswith("cli_")]
     floors = sorted({str(r["floor"]) for r in processes if r.get("floor")})
     shown = ["backend", "op", "size_mb", "slp_mib_s", "reference", "reference_mib_s", "ratio", "slp_p50_ms",
-             "slp_p95_ms", "slp_p99_ms", "reference_p50_ms", *(["floor_p50_ms"] if floors else []), "success_rate",
+             "slp_p95_ms", "slp_p99_ms", "reference_p50_ms", *(["floor_p50_ms"] if floors else []),
+             *(["own_process_p50_ms"] if any(r.get("own_process_p50_ms") for r in processes) else []), "success_rate",
              "peak_rss_mib", "status", "overrides", "error"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     for r in sorted(rows, key=lambda r: (str(r.get("backend")), str(r.get("op")), _size(r.get("size_mb")))):
@@ -192,7 +194,8 @@ def write_summary(sweep_dir: str, defaults: dict[str, Any] | None = None) -> lis
               "ratio = slp / reference (for op=cache: warm get over cold get)."]
     if processes:
         lines.append("cli_* ops: whole slp processes beside a reference process; ratio = reference p50 / slp p50 "
-                     "(above 1: slp faster); peak_rss_mib = the slp process's"
+                     "(above 1: slp faster), slp through its resident server; own_process_p50_ms = slp in its own process "
+                     "(SLP_SERVER=off, a first command); peak_rss_mib = the slp process's or its server worker's"
                      + (f"; floor_p50_ms: {', '.join(floors)}." if floors else "."))
     lines += ["overrides: the job's own, besides backend, bench.op, bench.size_mb and those every job shares"
               + (f" ({' '.join(sorted(shared))})." if shared else "."),

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 import blake3
 import orjson
 
+from ..client import command_pid
 from ..manifest import utc_now
 from ..redaction import Redactor
 from ..store import ArtifactStore
@@ -117,7 +118,7 @@ def claim_staging(staging: str, run_id: str) -> int:
     fd = os.open(os.path.join(tmp, OWNER), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(fd, orjson.dumps({"run_id": run_id, "pid": os.getpid(), "host": socket.gethostname(),
+        os.write(fd, orjson.dumps({"run_id": run_id, "pid": command_pid(), "host": socket.gethostname(),
                                    "start_time": utc_now()}) + b"\n")
         os.rename(tmp, staging)
     except BaseException:

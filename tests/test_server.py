@@ -1,0 +1,315 @@
+"""The resident slp server (slp_runner/server.py, slp_runner/client.py), with real
+``slp`` processes: a command run by the server's worker ends exactly as it does in its
+own process, takes on the client's folder, environment, umask and limits, gets its
+signals, dies with its client, and the server holds no client's credentials, refuses
+folders others can write to, replaces itself when its code changes and idles out."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+from test_cli import SLP
+from conftest import TEST_CONF
+
+TESTS = ["hydra.searchpath=[file://" + TEST_CONF + "]"]
+
+
+@pytest.fixture
+def folder():
+    path = tempfile.mkdtemp(prefix="slp-t-")  # short: a socket path holds 107 bytes
+    yield path
+    for pid in server_pids(path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def env(tmp_path, folder):
+    e = dict(os.environ)
+    e.update(SLP_STORE_ROOT=str(tmp_path / "store"), SLP_CACHE_DIR=str(tmp_path / "cache"),
+             SLP_COMPOSE_CACHE=str(tmp_path / "compose"), SLP_SERVER_DIR=folder,
+             SLP_WORKER_RUSAGE=str(tmp_path / "rusage.json"))
+    e.pop("SLP_SERVER", None)
+    return e
+
+
+def server_pids(folder) -> list[int]:
+    pids = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pids.append(int(open(os.path.join(folder, name)).read()))
+    return [p for p in pids if psutil.pid_exists(p)]
+
+
+def _default_signals():
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def slp(env, *args, cwd=None, preexec_fn=_default_signals):
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(env["SLP_WORKER_RUSAGE"])
+    return subprocess.run([SLP, *args], env=env, capture_output=True, text=True, cwd=cwd, timeout=120,
+                          preexec_fn=preexec_fn)
+
+
+def start(env, *args, preexec_fn=_default_signals):
+    return subprocess.Popen([SLP, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+
+
+def in_server(env) -> bool:
+    """Did the last command run in a server's worker (which reports its peak RSS)?"""
+    return os.path.exists(env["SLP_WORKER_RUSAGE"])
+
+
+def wait_for(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def serve(env) -> int:
+    """Have a server answer this env's commands; its pid."""
+    slp(env, "--version")  # starts one, in the background
+    wait_for(lambda: server_pids(env["SLP_SERVER_DIR"]), what="a server")
+    wait_for(lambda: slp(env, "--version") and in_server(env), what="a command run by the server")
+    (pid,) = server_pids(env["SLP_SERVER_DIR"])
+    return pid
+
+
+def workers(server_pid: int) -> list[psutil.Process]:
+    """The server's workers: its children."""
+    return psutil.Process(server_pid).children()
+
+
+@pytest.mark.parametrize("args", [
+    ["--version"],
+    ["task=ls"],
+    ["backend=nope"],                                    # a config error: exit 2, one line
+    ["task=get", "hash=" + "ab" * 32],                   # a task error: exit 1, one line
+    ["task=ls", "backend.timeout=x", "backend=local"],   # a key the backend does not have
+])
+def test_a_command_ends_in_the_server_as_in_its_own_process(env, args):
+    serve(env)
+    served = slp(env, *args)
+    assert in_server(env)
+    alone = slp({**env, "SLP_SERVER": "off"}, *args)
+    assert not in_server({**env})
+    assert (served.returncode, served.stdout, served.stderr) == (alone.returncode, alone.stdout, alone.stderr)
+
+
+def test_the_worker_takes_the_clients_folder_environment_and_umask(env, tmp_path):
+    serve(env)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "blob.bin").write_bytes(os.urandom(70_000))
+
+    def umask_077():
+        _default_signals()
+        os.umask(0o077)
+
+    put = slp(env, "task=put", "kind=blob", "path=blob.bin", cwd=work, preexec_fn=umask_077)
+    assert put.returncode == 0, put.stderr
+    assert in_server(env)
+    store = tmp_path / "store"  # SLP_STORE_ROOT, read from the client's environment
+    stored = [os.path.join(d, n) for d, _, names in os.walk(store) for n in names if n.endswith(".bin")]
+    assert len(stored) == 1 and os.path.getsize(stored[0]) == 70_000
+    for d, _, names in os.walk(store):
+        for n in names:
+            assert not os.stat(os.path.join(d, n)).st_mode & 0o077, n  # the client's umask
+
+
+def test_a_resource_limit_of_the_client_holds_in_the_worker(env, tmp_path):
+    serve(env)
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(3 << 20))
+    put = slp(env, "task=put", "kind=blob", f"path={blob}", "format=json")
+    assert put.returncode == 0, put.stderr
+    oid = __import__("json").loads(put.stdout)["hash"]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def small_files():  # the soft limit only: the hard one would ask for a server of its own
+        _default_signals()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+
+    got = slp(env, "task=get", f"hash={oid}", preexec_fn=small_files)
+    assert in_server(env)
+    assert got.returncode == 1
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("slp: error: no space left writing blob"), got.stderr
+    assert not os.path.exists(tmp_path / "cache") or not [
+        n for _, _, names in os.walk(tmp_path / "cache") for n in names if n.endswith((".bin", ".partial"))]
+    again = slp(env, "task=get", f"hash={oid}")
+    assert again.returncode == 0 and in_server(env)
+
+
+def _slow_run(env, tmp_path, preexec_fn=_default_signals):
+    runs = tmp_path / "runs"
+    proc = start(env, *TESTS, "pipeline=slow", f"runner.runs_dir={runs}", preexec_fn=preexec_fn)
+    staging = runs / ".staging"
+    wait_for(lambda: staging.is_dir() and os.listdir(staging), what="the run's staging folder")
+    return proc
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
+def test_a_signal_to_the_client_reaches_the_worker(env, tmp_path, sig, code):
+    server = serve(env)
+    proc = _slow_run(env, tmp_path)
+    (worker,) = wait_for(lambda: workers(server), what="the worker")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == f"slp: interrupted ({signal.Signals(sig).name})"
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
+    assert "interrupted" in listing.stdout, listing.stdout  # finalized by the worker, as in-process
+
+
+def test_an_ignored_signal_stays_ignored_in_the_worker(env, tmp_path):
+    serve(env)
+
+    def ignore_sigint():
+        _default_signals()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job
+
+    proc = _slow_run(env, tmp_path, preexec_fn=ignore_sigint)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+
+
+def test_killing_the_client_kills_its_worker(env, tmp_path):
+    server = serve(env)
+    proc = _slow_run(env, tmp_path)
+    (worker,) = wait_for(lambda: workers(server), what="the worker")
+    proc.kill()
+    proc.communicate(timeout=30)
+    wait_for(lambda: not workers(server), timeout=10, what="the worker to go")
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
+    assert "abandoned" in listing.stdout and f"pid {proc.pid} on" in listing.stdout  # its lock went with it
+
+
+def test_the_client_ends_as_its_worker_ended(env, tmp_path):
+    server = serve(env)
+    proc = _slow_run(env, tmp_path)
+    (worker,) = wait_for(lambda: workers(server), what="the worker")
+    worker.kill()
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_the_run_records_the_pid_the_user_started(env, tmp_path):
+    serve(env)
+    proc = _slow_run(env, tmp_path)
+    listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
+    assert f"pid {proc.pid}" in listing.stdout, listing.stdout
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+
+
+def test_a_killed_server_takes_its_command_and_the_client_says_so_then_is_replaced(env, tmp_path):
+    server = serve(env)
+    proc = _slow_run(env, tmp_path)
+    (worker,) = wait_for(lambda: workers(server), what="the worker")
+    os.kill(server, signal.SIGKILL)  # as the OOM killer would
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 255
+    assert err.strip().splitlines()[-1] == "slp: error: the slp server stopped while running this command (see SLP_SERVER)"
+    wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, timeout=10,
+             what="the worker to die with its server")
+    listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
+    assert "abandoned" in listing.stdout  # killed, so listed as such: nothing pretends it finished
+    after = slp(env, "--version")  # the socket is left; nobody listens: run here, start another
+    assert after.returncode == 0 and not in_server(env)
+    assert wait_for(lambda: [p for p in server_pids(env["SLP_SERVER_DIR"]) if p != server], what="a new server")
+
+
+def test_the_server_holds_no_credentials_and_its_socket_is_private(env, tmp_path):
+    secret = "sEcReT-" + os.urandom(6).hex()
+    env.update(AWS_SECRET_ACCESS_KEY=secret, AWS_ACCESS_KEY_ID="AKIA" + secret)
+    server = serve(env)
+    assert slp(env, "task=ls").returncode == 0 and in_server(env)
+    with open(f"/proc/{server}/environ", "rb") as f:
+        assert secret.encode() not in f.read()
+    with open(f"/proc/{server}/cmdline", "rb") as f:
+        assert secret.encode() not in f.read()
+    folder = env["SLP_SERVER_DIR"]
+    assert os.stat(folder).st_mode & 0o777 == 0o700
+    (sock,) = [n for n in os.listdir(folder) if n.endswith(".sock")]
+    assert os.stat(os.path.join(folder, sock)).st_mode & 0o777 == 0o600
+
+
+def test_a_folder_others_may_write_to_is_not_used(env, tmp_path):
+    os.chmod(env["SLP_SERVER_DIR"], 0o777)
+    for _ in range(2):
+        got = slp(env, "task=ls")
+        assert got.returncode == 0 and not in_server(env)
+    time.sleep(0.5)
+    assert os.listdir(env["SLP_SERVER_DIR"]) == []
+
+
+def test_a_server_whose_code_changed_is_replaced(env, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("# loaded by both the client and the server\n")
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(site)
+    old = serve(env)
+    (site / "sitecustomize.py").write_text("# loaded by both the client and the server, now edited\n")
+    got = slp(env, "--version")
+    assert got.returncode == 0 and not in_server(env)  # the old code is not run
+    wait_for(lambda: not psutil.pid_exists(old), what="the stale server to exit")
+    assert serve(env) != old
+
+
+def test_an_idle_server_exits(env):
+    env["SLP_SERVER_IDLE"] = "1"
+    pid = serve(env)
+    wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="the idle server to exit")
+    assert [n for n in os.listdir(env["SLP_SERVER_DIR"]) if not n.endswith(".lock")] == []
+
+
+def test_concurrent_commands_share_one_server(env, tmp_path):
+    serve(env)
+    files = []
+    for i in range(4):
+        path = tmp_path / f"b{i}.bin"
+        path.write_bytes(os.urandom(200_000 + i))
+        files.append(path)
+    procs = [start(env, "task=put", "kind=blob", f"path={p}") for p in files]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "hash=" in out
+    assert len(server_pids(env["SLP_SERVER_DIR"])) == 1
+
+
+def test_stop_server(env):
+    pid = serve(env)
+    got = slp(env, "--stop-server")
+    assert got.returncode == 0 and f"stopped the server (pid {pid})" in got.stdout
+    wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="the server to stop")
+    again = slp(env, "--stop-server")
+    assert again.stdout.strip() == "slp: no server running"
