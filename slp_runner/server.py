@@ -3,8 +3,8 @@
 ``python -m slp_runner.server <socket>``, started by a client, detached:
 
 1. takes ``<socket>.lock`` (one server per socket: another that is starting gives up),
-   imports what commands use (:data:`PRELOAD`), and notes each loaded module file's
-   size and modification time;
+   imports what commands use (:data:`PRELOAD`), and watches each loaded module's file
+   (:mod:`.file_watch`);
 2. listens on ``<socket>`` (mode 0600, in a folder closed to others) and accepts only
    its own user (``SO_PEERCRED``);
 3. per connection, checks that no loaded module changed on disk (else it answers
@@ -39,6 +39,7 @@ import sys
 import time
 
 from . import client
+from .file_watch import FileWatch
 
 # What commands import: loaded once here, shared by every worker.
 PRELOAD = ("slp_runner.cli", "slp_runner.compose", "slp_runner.tasks", "slp_runner.commands", "slp_runner.store",
@@ -47,6 +48,7 @@ PRELOAD = ("slp_runner.cli", "slp_runner.compose", "slp_runner.tasks", "slp_runn
            "fsspec.implementations.local", "s3fs", "slp_runner.backends.s3_multipart", "hydra", "ctypes")
 IDLE_DEFAULT = 900.0
 CHECK_EVERY = 30.0  # seconds between checks that the socket is still this server's
+SPARE_AFTER = 0.2  # seconds without an event before a new spare worker is forked
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0  # another server has it
     _preload()
     _warm_up()
-    watched = _module_stats()
+    watched = FileWatch(_module_files())
     idle = float(os.environ.get("SLP_SERVER_IDLE") or IDLE_DEFAULT)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a server that was killed: the lock says none runs
@@ -132,26 +134,10 @@ def _warm_up() -> None:
                     walk(yaml.safe_load(f))
 
 
-def _module_stats() -> dict[str, tuple[int, int]]:
-    stats = {}
-    for module in list(sys.modules.values()):
-        path = getattr(module, "__file__", None)
-        if path:
-            with contextlib.suppress(OSError):
-                st = os.stat(path)
-                stats[path] = (st.st_size, st.st_mtime_ns)
-    return stats
-
-
-def _stale(watched: dict[str, tuple[int, int]]) -> bool:
-    for path, seen in watched.items():
-        try:
-            st = os.stat(path)
-        except OSError:
-            return True
-        if (st.st_size, st.st_mtime_ns) != seen:
-            return True
-    return False
+def _module_files() -> list[str]:
+    """The files of every module loaded now: a change to any makes this server stale."""
+    files = {getattr(module, "__file__", None) for module in list(sys.modules.values())}
+    return sorted(f for f in files if f and os.path.exists(f))
 
 
 def _still_ours(path: str, identity: int) -> bool:
@@ -175,49 +161,105 @@ def _leave(listener, path: str, identity: int, exit_now: bool = True) -> None:
 def _serve(listener, lock: int, path: str, identity: int, watched, idle: float) -> None:
     """Accept commands and watch their workers until idle, replaced or stale. A
     client's connection is watched for its hang-up only (``POLLRDHUP``): the bytes on
-    it are its worker's to read."""
+    it are its worker's to read. A *spare* worker, forked ahead of time, waits for the
+    next connection, so that a command need not wait for a fork (about 10 ms here)."""
     running: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (worker pid, its client's connection)
     by_conn: dict[int, int] = {}  # connection fd -> pidfd, while its client is there
     poller = select.poll()
     poller.register(listener, select.POLLIN)
     last = time.monotonic()
-    while True:
-        timeout = None if running else min(CHECK_EVERY, idle) * 1000
-        events = poller.poll(timeout)
-        if running:
-            last = time.monotonic()
-        if not events:
-            if time.monotonic() - last >= idle or not _still_ours(path, identity):
-                return
-            continue
-        for fd, _event in events:
-            if fd == listener.fileno():
-                started = _accept(listener, lock, running, watched)
-                if started is None:
+
+    def fork_worker(conn=None):
+        """A worker for ``conn``, or a spare (``conn`` None) waiting for one:
+        ``(pid, channel to hand it a connection)``."""
+        server, (ours, theirs) = os.getpid(), socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                listener.close()
+                os.close(lock)  # a worker must never keep a killed server's lock
+                watched.close()
+                ours.close()
+                for fd, (_, other) in running.items():
+                    os.close(fd)
+                    other.close()
+                _die_with(server)
+                if conn is None:  # a spare: wait for the connection
+                    _, fds, _, _ = socket.recv_fds(theirs, 1, 1)
+                    if not fds:
+                        os._exit(0)  # the server is gone or retired it
+                    conn = socket.socket(fileno=fds[0])
+                theirs.close()
+                code = _worker(conn, server)
+            finally:
+                os._exit(code)
+        theirs.close()
+        return pid, ours
+
+    spare = fork_worker()
+    try:
+        while True:
+            # A new spare is forked once things are quiet, not while a command starts.
+            timeout = SPARE_AFTER * 1000 if spare is None else None if running else min(CHECK_EVERY, idle) * 1000
+            events = poller.poll(timeout)
+            if running:
+                last = time.monotonic()
+            if not events:
+                if spare is None:
+                    spare = fork_worker()
+                elif time.monotonic() - last >= idle or not _still_ours(path, identity):
                     return
-                if started:
-                    pidfd, conn = started
+                continue
+            for fd, _event in events:
+                if fd == listener.fileno():
+                    conn = _accept(listener, watched)
+                    if conn is None:
+                        return  # stale
+                    if not conn:
+                        continue
+                    pid, channel = spare or (None, None)
+                    try:
+                        if channel is None:
+                            raise OSError("no spare")
+                        socket.send_fds(channel, [b"C"], [conn.fileno()])
+                    except OSError:  # none ready, or it died: a worker of its own, then
+                        if pid:
+                            with contextlib.suppress(ChildProcessError):
+                                os.waitpid(pid, os.WNOHANG)
+                        pid, own = fork_worker(conn)
+                        own.close()
+                    if channel is not None:
+                        channel.close()
+                    pidfd = os.pidfd_open(pid)
+                    running[pidfd] = (pid, conn)
                     poller.register(pidfd, select.POLLIN)
                     poller.register(conn, select.POLLRDHUP)
                     by_conn[conn.fileno()] = pidfd
-            elif fd in running:  # a worker ended
-                pid, conn = running.pop(fd)
-                poller.unregister(fd)
-                if by_conn.pop(conn.fileno(), None) is not None:
-                    poller.unregister(conn)
-                os.close(fd)
-                _, status, usage = os.wait4(pid, 0)
-                _report_end(conn, status, usage)
-            elif fd in by_conn:  # a client hung up (killed): its worker goes too
-                pidfd = by_conn.pop(fd)
-                poller.unregister(fd)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(running[pidfd][0], signal.SIGKILL)
+                    spare = None
+                elif fd in running:  # a worker ended
+                    pid, conn = running.pop(fd)
+                    poller.unregister(fd)
+                    if by_conn.pop(conn.fileno(), None) is not None:
+                        poller.unregister(conn)
+                    os.close(fd)
+                    _, status, usage = os.wait4(pid, 0)
+                    _report_end(conn, status, usage)
+                elif fd in by_conn:  # a client hung up (killed): its worker goes too
+                    pidfd = by_conn.pop(fd)
+                    poller.unregister(fd)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(running[pidfd][0], signal.SIGKILL)
+    finally:
+        if spare is not None:
+            spare[1].close()  # the spare reads end-of-file and exits
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(spare[0], 0)
 
 
-def _accept(listener, lock: int, running: dict, watched):
-    """Fork a worker for a new connection: ``(pidfd, connection)``; False if there was
-    nothing to start, None if this server is stale (it then exits)."""
+def _accept(listener, watched):
+    """The next client's connection; False if there is none to serve, None if this
+    server is stale (it answers ``stale`` and exits)."""
     try:
         conn, _ = listener.accept()
     except OSError:
@@ -225,27 +267,12 @@ def _accept(listener, lock: int, running: dict, watched):
     if client._peer_uid(conn) != os.getuid():
         conn.close()
         return False
-    if _stale(watched):
+    if watched.changed():
         with contextlib.suppress(OSError):
             conn.sendall(b'{"stale": true}\n')
         conn.close()
         return None
-    server = os.getpid()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            listener.close()
-            os.close(lock)  # a worker must never keep a killed server's lock
-            for fd, (_, other) in running.items():
-                os.close(fd)
-                other.close()
-            code = _worker(conn, server)
-        finally:
-            os._exit(code)
-    pidfd = os.pidfd_open(pid)
-    running[pidfd] = (pid, conn)
-    return pidfd, conn
+    return conn
 
 
 def _report_end(conn, status: int, usage) -> None:

@@ -96,8 +96,14 @@ def serve(env) -> int:
 
 
 def workers(server_pid: int) -> list[psutil.Process]:
-    """The server's workers: its children."""
-    return psutil.Process(server_pid).children()
+    """The server's workers that run a command: its children in a client's folder (a
+    spare one, forked ahead for the next command, is still in the server's, /)."""
+    found = []
+    for child in psutil.Process(server_pid).children():
+        with contextlib.suppress(psutil.Error):
+            if child.cwd() != "/":
+                found.append(child)
+    return found
 
 
 @pytest.mark.parametrize("args", [
@@ -240,10 +246,10 @@ def test_a_killed_server_takes_its_command_and_the_client_says_so_then_is_replac
     assert err.strip().splitlines()[-1] == "slp: error: the slp server stopped while running this command (see SLP_SERVER)"
     wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, timeout=10,
              what="the worker to die with its server")
-    listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
-    assert "abandoned" in listing.stdout  # killed, so listed as such: nothing pretends it finished
     after = slp(env, "--version")  # the socket is left; nobody listens: run here, start another
     assert after.returncode == 0 and not in_server(env)
+    listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
+    assert "abandoned" in listing.stdout  # killed, so listed as such: nothing pretends it finished
     assert wait_for(lambda: [p for p in server_pids(env["SLP_SERVER_DIR"]) if p != server], what="a new server")
 
 
