@@ -44,6 +44,7 @@ def fresh_venv(python: str, where, wheel: str) -> dict:
            if not k.startswith(("AWS_", "SLP_", "VIRTUAL_ENV", "PYTHON", "HYDRA"))}
     # Only the fresh venv and the system: no llama-server or weed from this repo's venv.
     env["PATH"] = f"{where / 'bin'}:/usr/local/bin:/usr/bin:/bin"
+    env["SLP_SERVER_DIR"] = os.environ["SLP_SERVER_DIR"]  # its slp server is stopped with the session's
     return env
 
 
@@ -149,6 +150,15 @@ def test_smoke_on_other_pythons(version, tmp_path, wheel, small_file):
     got = run(env, work, "task=get", f"hash={last_hash(put.stdout)}", f"out={work / 'back.bin'}")
     assert got.returncode == 0, got.stderr
     assert (work / "back.bin").read_bytes() == small_file.read_bytes()
+
+    # the resident server on this Python: a command run by its worker (which reports its RSS)
+    started = run(env, work, "--start-server")
+    assert started.returncode == 0 and "server ready" in started.stdout, started.stderr
+    report = tmp_path / "worker-rusage.json"
+    served = run({**env, "SLP_WORKER_RUSAGE": str(report)}, work, "task=get", f"hash={last_hash(put.stdout)}",
+                 f"out={work / 'again.bin'}")
+    assert served.returncode == 0 and report.exists(), served.stderr
+    assert (work / "again.bin").read_bytes() == small_file.read_bytes()
 
     piped = run(env, work, "pipeline=store_prompts")
     assert piped.returncode == 0, piped.stderr
