@@ -27,7 +27,7 @@ must belong to the user and be closed to others, since the environment (credenti
 included) travels over the socket. ``SLP_SERVER_IDLE``: seconds a server waits for a
 command before it exits (default 900). ``slp --start-server`` starts this
 installation's server and waits until it answers (a job script's warm-up, a
-benchmark); ``slp --stop-server`` stops it.
+benchmark); ``slp --stop-server`` stops every slp server of the user's in that folder.
 """
 
 from __future__ import annotations
@@ -378,21 +378,33 @@ def start_server() -> int:
 
 
 def stop_server() -> int:
-    """``slp --stop-server``: stop this installation's server, if one runs."""
+    """``slp --stop-server``: stop every slp server of this user in the server folder
+    (one per Python, locale, limits, ...: see :func:`server_key`)."""
     import signal
     import time
 
-    path = socket_path()
-    pid = server_pid(path) if path else None
-    sock = connect(path) if path else None
-    if sock is None or pid is None:
+    folder = server_folder()
+    stopped = []
+    if private_folder(folder):
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".sock"):
+                continue
+            path = os.path.join(folder, name)
+            pid, sock = server_pid(path), connect(path)
+            if sock is None or pid is None:
+                continue
+            sock.close()
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            stopped.append((pid, path))
+    for pid, path in stopped:
+        for _ in range(200):
+            if not os.path.exists(path):
+                break
+            time.sleep(0.05)
+        print(f"slp: stopped the server (pid {pid})")
+    if not stopped:
         print("slp: no server running")
-        return 0
-    sock.close()
-    os.kill(pid, signal.SIGTERM)
-    for _ in range(200):
-        if not os.path.exists(path):
-            break
-        time.sleep(0.05)
-    print(f"slp: stopped the server (pid {pid})")
     return 0

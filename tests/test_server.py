@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import shutil
 import signal
@@ -88,10 +89,10 @@ def wait_for(predicate, timeout=30.0, what="condition"):
 
 def serve(env) -> int:
     """Have a server answer this env's commands; its pid."""
-    slp(env, "--version")  # starts one, in the background
-    wait_for(lambda: server_pids(env["SLP_SERVER_DIR"]), what="a server")
-    wait_for(lambda: slp(env, "--version") and in_server(env), what="a command run by the server")
-    (pid,) = server_pids(env["SLP_SERVER_DIR"])
+    started = slp(env, "--start-server")
+    assert started.returncode == 0, started.stderr
+    pid = int(re.fullmatch(r"slp: server ready \(pid (\d+)\)\n", started.stdout).group(1))
+    assert slp(env, "--version").returncode == 0 and in_server(env)
     return pid
 
 
@@ -312,10 +313,14 @@ def test_concurrent_commands_share_one_server(env, tmp_path):
     assert len(server_pids(env["SLP_SERVER_DIR"])) == 1
 
 
-def test_stop_server(env):
+def test_stop_server_stops_every_server_in_the_folder(env):
     pid = serve(env)
+    other = serve({**env, "LC_CTYPE": "C.UTF-8"})  # another locale: a server of its own
+    assert other != pid
     got = slp(env, "--stop-server")
-    assert got.returncode == 0 and f"stopped the server (pid {pid})" in got.stdout
-    wait_for(lambda: not psutil.pid_exists(pid), timeout=10, what="the server to stop")
+    assert got.returncode == 0
+    assert sorted(got.stdout.splitlines()) == sorted(f"slp: stopped the server (pid {p})" for p in (pid, other))
+    wait_for(lambda: not psutil.pid_exists(pid) and not psutil.pid_exists(other), timeout=10,
+             what="the servers to stop")
     again = slp(env, "--stop-server")
     assert again.stdout.strip() == "slp: no server running"
