@@ -100,8 +100,12 @@ def private_folder(folder: str) -> bool:
 def server_key() -> str:
     """What a fork of a server must share with a new process of this client to behave
     the same: a client that differs in any of it gets a server of its own."""
-    import hashlib
     import resource
+
+    try:
+        from _blake2 import blake2b  # hashlib itself loads OpenSSL: 5 ms
+    except ImportError:
+        from hashlib import blake2b
 
     parts = [sys.executable, sys.prefix, sys.version, os.path.dirname(os.path.abspath(__file__)), repr(sys.flags),
              repr(sorted(sys._xoptions.items())), repr(sys.path[1:]), repr(sys.warnoptions),
@@ -116,7 +120,7 @@ def server_key() -> str:
             parts.append(os.readlink(what) if "/ns/" in what else open(what).read())
         except OSError:
             parts.append("-")
-    return hashlib.blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
+    return blake2b("\0".join(parts).encode(), digest_size=8).hexdigest()
 
 
 def socket_path() -> str | None:
@@ -137,18 +141,18 @@ def socket_path() -> str | None:
 
 
 def _peer_uid(sock) -> int:
-    import socket
-    import struct
+    import _socket
 
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", creds)[1]
+    creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    return int.from_bytes(creds[4:8], sys.byteorder)
 
 
 def connect(path: str):
-    """A connection to the server at ``path`` run by this user, or None."""
-    import socket
+    """A connection to the server at ``path`` run by this user, or None. (``_socket``,
+    not ``socket``: this module must start in milliseconds.)"""
+    import _socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(path)
         if _peer_uid(sock) != os.getuid():
@@ -157,6 +161,50 @@ def connect(path: str):
         sock.close()
         return None
     return sock
+
+
+def send_fds(sock, data: bytes, fds: list[int]) -> None:
+    import _socket
+
+    rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+
+
+# Messages both ways are length-prefixed ``marshal`` frames of plain dicts (both ends are
+# the same Python: the server's key names its interpreter).
+
+
+def send_frame(sock, message: dict) -> None:
+    import marshal
+
+    body = marshal.dumps(message)
+    sock.sendall(len(body).to_bytes(4, "big") + body)
+
+
+def recv_exactly(sock, n: int) -> bytes | None:
+    """``n`` bytes, or None at end-of-file before them."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = sock.recv(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def recv_frame(sock) -> dict | None:
+    """The next message, or None if the other end closed first."""
+    import marshal
+
+    head = recv_exactly(sock, 4)
+    body = recv_exactly(sock, int.from_bytes(head, "big")) if head else None
+    if body is None:
+        return None
+    message = marshal.loads(body)
+    if not isinstance(message, dict):
+        raise ValueError("not an slp message")
+    return message
 
 
 def request() -> dict:
@@ -187,19 +235,9 @@ def request() -> dict:
     }
 
 
-def send_message(sock, message: dict) -> None:
-    import json
-
-    body = json.dumps(message).encode()
-    sock.sendall(len(body).to_bytes(4, "big") + body)
-
-
 def run_in_server(path: str) -> dict | None:
     """Run this command line in the server's worker: how the worker ended (``exit`` or
     ``signal``), or None if there is no server to take it (then run it here)."""
-    import json
-    import socket
-
     sock = connect(path)
     if sock is None:
         return None
@@ -212,16 +250,15 @@ def run_in_server(path: str) -> dict | None:
         return None
     forwarder = Forwarder()  # from here on, a signal is for the command, wherever it runs
     try:
-        socket.send_fds(sock, [MAGIC], [0, 1, 2])
-        send_message(sock, message)
-        replies = sock.makefile("rb")
-        first = json.loads(replies.readline() or b"{}")
+        send_fds(sock, MAGIC, [0, 1, 2])
+        send_frame(sock, message)
+        first = recv_frame(sock) or {}
         if "pid" not in first:  # stale (it exits) or refused: here, then
             forwarder.restore(deliver_pending=True)
             return None
         forwarder.start(first["pid"])
-        ending = json.loads(replies.readline() or b"{}")
-    except (OSError, ValueError):
+        ending = recv_frame(sock) or {}
+    except (OSError, ValueError, EOFError, TypeError):  # marshal: EOFError, ValueError, TypeError
         if forwarder.pid is not None:  # the worker ran: do not run the command twice
             return {"exit": 255, "lost": True}
         forwarder.restore(deliver_pending=True)
@@ -345,8 +382,8 @@ def ping(path: str) -> bool:
         return False
     try:
         sock.sendall(PING)
-        return sock.makefile("rb").readline().strip() == b'{"pong": true}'
-    except OSError:
+        return recv_frame(sock) == {"pong": True}
+    except (OSError, ValueError, EOFError, TypeError):
         return False
     finally:
         sock.close()

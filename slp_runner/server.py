@@ -30,7 +30,6 @@ import contextlib
 import fcntl
 import gc
 import importlib
-import json
 import os
 import select
 import signal
@@ -269,7 +268,7 @@ def _accept(listener, watched):
         return False
     if watched.changed():
         with contextlib.suppress(OSError):
-            conn.sendall(b'{"stale": true}\n')
+            _reply(conn, {"stale": True})
         conn.close()
         return None
     return conn
@@ -302,24 +301,17 @@ def _receive(conn) -> tuple[dict, list[int]] | None:
         for fd in fds:
             os.close(fd)
         raise ValueError("not an slp client")
-    head = _read_exactly(conn, 4)
-    message = json.loads(_read_exactly(conn, int.from_bytes(head, "big")))
+    try:
+        message = client.recv_frame(conn)
+    except (EOFError, TypeError) as exc:
+        raise ValueError(f"not an slp request: {exc}") from None
+    if message is None:
+        raise ValueError("the client went away")
     return message, fds
 
 
-def _read_exactly(conn, n: int) -> bytes:
-    chunks, got = [], 0
-    while got < n:
-        chunk = conn.recv(n - got)
-        if not chunk:
-            raise ValueError("the client went away")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
 def _reply(conn, message: dict) -> None:
-    conn.sendall(json.dumps(message).encode() + b"\n")
+    client.send_frame(conn, message)
 
 
 def _take_on(message: dict) -> None:
