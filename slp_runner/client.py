@@ -27,7 +27,8 @@ must belong to the user and be closed to others, since the environment (credenti
 included) travels over the socket. ``SLP_SERVER_IDLE``: seconds a server waits for a
 command before it exits (default 900). ``slp --start-server`` starts this
 installation's server and waits until it answers (a job script's warm-up, a
-benchmark); ``slp --stop-server`` stops every slp server of the user's in that folder.
+benchmark); ``slp --stop-server`` stops every slp server of the user's in that folder
+(each stops listening at once and exits when the commands it runs have finished).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def server_key() -> str:
 
     parts = [sys.executable, sys.prefix, sys.version, os.path.dirname(os.path.abspath(__file__)), repr(sys.flags),
              repr(sorted(sys._xoptions.items())), repr(sys.path[1:]), repr(sys.warnoptions),
-             repr((os.getgid(), sorted(os.getgroups())))]
+             repr((os.getgid(), sorted(os.getgroups()))),
+             repr(os.getpriority(os.PRIO_PROCESS, 0))]  # a worker cannot be less nice than its server
     parts += sorted(f"{k}={v}" for k, v in os.environ.items()
                     if k.startswith(("PYTHON", "FSSPEC_", "LC_")) or k in ("LANG", "TZ"))
     parts += [repr(resource.getrlimit(getattr(resource, name))[1]) for name in sorted(dir(resource))
@@ -238,12 +240,15 @@ def request() -> dict:
 def run_in_server(path: str) -> dict | None:
     """Run this command line in the server's worker: how the worker ended (``exit`` or
     ``signal``), or None if there is no server to take it (then run it here)."""
+    try:
+        for fd in (0, 1, 2):
+            os.fstat(fd)  # a closed standard descriptor: run here, as Python would (checked
+    except OSError:       # before the socket is made, which would take the free number)
+        return None
     sock = connect(path)
     if sock is None:
         return None
     try:
-        for fd in (0, 1, 2):
-            os.fstat(fd)  # a closed standard descriptor: run here, as Python would
         message = request()
     except OSError:
         sock.close()
@@ -258,6 +263,8 @@ def run_in_server(path: str) -> dict | None:
             return None
         forwarder.start(first["pid"])
         ending = recv_frame(sock) or {}
+    except Abandoned as stop:  # a stop signal before the worker's pid came: end as it says
+        return {"signal": stop.signum}  # (the server sees the hang-up and kills a worker)
     except (OSError, ValueError, EOFError, TypeError):  # marshal: EOFError, ValueError, TypeError
         if forwarder.pid is not None:  # the worker ran: do not run the command twice
             return {"exit": 255, "lost": True}
@@ -271,10 +278,25 @@ def run_in_server(path: str) -> dict | None:
     return ending
 
 
+class Abandoned(Exception):
+    """A stop signal came before the worker's pid did: the wait for the server ends
+    (a stopped or stuck server must not make ``slp`` deaf to Ctrl-C and SIGTERM)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# Signals that end a process by default: before the worker is known, they end the wait.
+STOPPING = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+
+
 class Forwarder:
-    """Pass the signals this process gets on to the worker while it runs; those that
-    come before its pid is known are passed on once it is (or, if the command runs
-    here after all, delivered here)."""
+    """Pass the signals this process gets on to the worker while it runs. Before its
+    pid is known, a stopping signal abandons the command (:class:`Abandoned`); others
+    are held and passed on once it is known (or delivered here, if the command runs
+    here after all). SIGTSTP stops the worker with SIGSTOP: the worker's process group
+    is the server's, orphaned, where the kernel discards a SIGTSTP."""
 
     def __init__(self):
         import signal
@@ -296,10 +318,12 @@ class Forwarder:
         import signal
 
         if self.pid is None:
+            if signal.Signals(signum).name in STOPPING:
+                raise Abandoned(signum)
             self.pending.append(signum)
             return
         try:
-            os.kill(self.pid, signum)
+            os.kill(self.pid, signal.SIGSTOP if signum == signal.SIGTSTP else signum)
         except ProcessLookupError:
             return
         if signum == signal.SIGTSTP:  # the worker stopped: stop here too, until SIGCONT

@@ -20,8 +20,10 @@
    or gone by ``os._exit`` is reported by the server; a client that goes away (killed)
    takes its worker with it, and a server that dies takes its workers (the client
    then says the command was lost);
-5. exits after ``SLP_SERVER_IDLE`` seconds (default 900) without a command, or when
-   its socket was removed or replaced.
+5. retires after ``SLP_SERVER_IDLE`` seconds (default 900) without a command, when
+   its socket was removed or replaced, when its code is stale, or on SIGTERM
+   (``slp --stop-server``): it stops listening and releases its lock at once, and
+   exits once the commands it runs have finished.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     _preload()
     _warm_up()
     watched = FileWatch(_module_files())
-    idle = float(os.environ.get("SLP_SERVER_IDLE") or IDLE_DEFAULT)
+    idle = _idle_seconds(os.environ.get("SLP_SERVER_IDLE"))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # left by a server that was killed: the lock says none runs
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,15 +77,25 @@ def main(argv: list[str] | None = None) -> int:
     identity = os.stat(path).st_ino
     with open(path + ".pid", "w") as f:
         f.write(f"{os.getpid()}\n")
-    signal.signal(signal.SIGTERM, lambda *_: _leave(listener, path, identity))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     gc.freeze()  # what is loaded now stays shared with the forks (copy-on-write)
     try:
         _serve(listener, lock, path, identity, watched, idle)
     finally:
-        _leave(listener, path, identity, exit_now=False)
+        _leave(listener, path, identity)
     return 0
+
+
+def _idle_seconds(setting: str | None) -> float:
+    """``SLP_SERVER_IDLE``: a positive number of seconds, else the default."""
+    import math
+
+    try:
+        seconds = float(setting) if setting else IDLE_DEFAULT
+    except ValueError:
+        return IDLE_DEFAULT
+    return seconds if math.isfinite(seconds) and seconds > 0 else IDLE_DEFAULT
 
 
 def _take_lock(lock_path: str, wait: float = 5.0):
@@ -146,15 +158,14 @@ def _still_ours(path: str, identity: int) -> bool:
         return False
 
 
-def _leave(listener, path: str, identity: int, exit_now: bool = True) -> None:
+def _leave(listener, path: str, identity: int) -> None:
+    """Stop listening: the socket and pid file go (if still this server's)."""
     if _still_ours(path, identity):
         with contextlib.suppress(OSError):
             os.unlink(path)
         with contextlib.suppress(OSError):
             os.unlink(path + ".pid")
     listener.close()
-    if exit_now:
-        os._exit(0)
 
 
 def _serve(listener, lock: int, path: str, identity: int, watched, idle: float) -> None:
@@ -196,25 +207,60 @@ def _serve(listener, lock: int, path: str, identity: int, watched, idle: float) 
         theirs.close()
         return pid, ours
 
-    spare = fork_worker()
+    # SIGTERM (slp --stop-server) and staleness retire the server: it stops listening
+    # and lets go of its lock at once (a new server may start), and exits once the
+    # commands it runs have finished: they are never cut short by it.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))
+    poller.register(wake_r, select.POLLIN)
+    listening = True
+
+    def retire():
+        nonlocal listening, spare
+        if listening:
+            listening = False
+            poller.unregister(listener)
+            _leave(listener, path, identity)
+            os.close(lock)
+            if spare is not None:
+                spare[1].close()  # the spare reads end-of-file and exits
+                spare = None
+
+    def fork_spare():
+        signal.set_wakeup_fd(-1)  # not the children's: they have their own signals
+        try:
+            return fork_worker()
+        finally:
+            signal.set_wakeup_fd(wake_w)
+
+    spare = fork_spare()
     try:
-        while True:
+        while listening or running:
             # A new spare is forked once things are quiet, not while a command starts.
-            timeout = SPARE_AFTER * 1000 if spare is None else None if running else min(CHECK_EVERY, idle) * 1000
+            timeout = (SPARE_AFTER * 1000 if spare is None and listening
+                       else None if running else min(CHECK_EVERY, idle) * 1000)
             events = poller.poll(timeout)
             if running:
                 last = time.monotonic()
+            if stop:
+                retire()
             if not events:
-                if spare is None:
-                    spare = fork_worker()
+                if listening and spare is None:
+                    spare = fork_spare()
                 elif time.monotonic() - last >= idle or not _still_ours(path, identity):
-                    return
+                    retire()
                 continue
             for fd, _event in events:
-                if fd == listener.fileno():
+                if fd == wake_r:
+                    with contextlib.suppress(OSError):
+                        os.read(wake_r, 512)
+                elif listening and fd == listener.fileno():
                     conn = _accept(listener, watched)
                     if conn is None:
-                        return  # stale
+                        retire()  # stale: the next command starts a new server
+                        continue
                     if not conn:
                         continue
                     pid, channel = spare or (None, None)
@@ -226,7 +272,11 @@ def _serve(listener, lock: int, path: str, identity: int, watched, idle: float) 
                         if pid:
                             with contextlib.suppress(ChildProcessError):
                                 os.waitpid(pid, os.WNOHANG)
-                        pid, own = fork_worker(conn)
+                        signal.set_wakeup_fd(-1)
+                        try:
+                            pid, own = fork_worker(conn)
+                        finally:
+                            signal.set_wakeup_fd(wake_w)
                         own.close()
                     if channel is not None:
                         channel.close()
@@ -254,6 +304,7 @@ def _serve(listener, lock: int, path: str, identity: int, watched, idle: float) 
             spare[1].close()  # the spare reads end-of-file and exits
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(spare[0], 0)
+        signal.set_wakeup_fd(-1)
 
 
 def _accept(listener, watched):

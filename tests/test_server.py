@@ -324,3 +324,60 @@ def test_stop_server_stops_every_server_in_the_folder(env):
              what="the servers to stop")
     again = slp(env, "--stop-server")
     assert again.stdout.strip() == "slp: no server running"
+
+
+def test_a_stale_or_stopped_server_lets_running_commands_finish(env, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("# loaded by both the client and the server\n")
+    env["PYTHONPATH"] = f"{site}{os.pathsep}{env['PYTHONPATH']}" if env.get("PYTHONPATH") else str(site)
+    env["SLP_SERVER_IDLE"] = "x"  # not a number: the default, not a crash
+    old = serve(env)
+    runs = tmp_path / "runs"
+    quick = start(env, *TESTS, "pipeline=slow", "+stages.wait.params.seconds=3", f"runner.runs_dir={runs}")
+    wait_for(lambda: workers(old), what="the worker")
+    (site / "sitecustomize.py").write_text("# edited while a command runs\n")
+    assert slp(env, "--version").returncode == 0 and not in_server(env)  # stale: not run by it
+    new = wait_for(lambda: [p for p in server_pids(env["SLP_SERVER_DIR"]) if p != old], what="a new server")
+    assert new
+    stopped = slp(env, "--stop-server")
+    assert stopped.returncode == 0
+    _, err = quick.communicate(timeout=60)
+    assert quick.returncode == 0, err  # finished, not cut short by either
+    wait_for(lambda: not psutil.pid_exists(old), timeout=15, what="the retired server to exit")
+
+
+def test_a_stop_signal_before_the_worker_starts_ends_the_wait(env):
+    pid = serve(env)
+    os.kill(pid, signal.SIGSTOP)  # a stuck server: it accepts nothing
+    try:
+        # (not to pipes: the descriptors it passed stay in flight, in the socket the
+        # stopped server has not accepted, until that server runs again)
+        proc = subprocess.Popen([SLP, "--version"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                preexec_fn=_default_signals)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_ctrl_z_stops_the_worker_and_sigcont_resumes_it(env, tmp_path):
+    server = serve(env)
+    proc = _slow_run(env, tmp_path)
+    (worker,) = wait_for(lambda: workers(server), what="the worker")
+    proc.send_signal(signal.SIGTSTP)
+    wait_for(lambda: worker.status() == psutil.STATUS_STOPPED, timeout=10, what="the worker to stop")
+    proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: worker.status() != psutil.STATUS_STOPPED, timeout=10, what="the worker to resume")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+
+
+def test_a_closed_stdout_is_not_the_socket(env):
+    got = subprocess.run(f"{SLP} task=ls >&-", shell=True, env=env, capture_output=True, text=True, timeout=60)
+    alone = subprocess.run(f"{SLP} task=ls >&-", shell=True, env={**env, "SLP_SERVER": "off"}, capture_output=True,
+                           text=True, timeout=60)
+    assert (got.returncode, got.stderr) == (alone.returncode, alone.stderr)
