@@ -7,15 +7,23 @@ the bytes sent hash right: the filer renames from ``.incoming/``, S3 completes a
 multipart upload written in place. Elsewhere (local, or ``verify_upload="rehash"``)
 it goes to ``.incoming/`` under a unique name, is checked (size, or a full re-read
 and re-hash), and only then renamed into place. Manifests follow the same way, or
-in one all-or-nothing PUT. Readers never see a partial object.
+in one all-or-nothing PUT, always after their object. Readers never see a partial
+object.
+
+On the filer a large file is sent to ``.incoming/`` at once, while a second thread
+hashes it and looks the hash up (reading a file is several times faster than sending
+it): if a sound object is stored already, the upload is cut and nothing of it kept;
+otherwise the sent bytes' hash is compared with that one before the rename.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -34,6 +42,9 @@ VERIFY_MODES = ("size", "rehash")
 # against it: ``size`` (one metadata request) or ``hash`` (re-read and re-hash it).
 EXISTING_CHECKS = ("size", "hash")
 INCOMING = ".incoming"
+# Files from this size on are sent while they are hashed, where the backend allows it
+# (ArtifactStore.put). Below it hashing and the lookup take a few ms at most.
+AHEAD_MIN = 8 * 1024 * 1024
 
 
 @dataclass
@@ -66,9 +77,130 @@ class ObjectCheck:
     size: int = 0
 
 
+@dataclass
+class _Put:
+    """One put's file and what its manifest will say, as the steps after hashing need them."""
+
+    local_path: str
+    kind: ArtifactKind
+    before: os.stat_result  # the file as the put found it: a change meanwhile publishes nothing
+    callback: Callback
+    manifest_args: dict[str, Any]  # name, source, provenance, tool, metadata
+
+
+@dataclass
+class _Found:
+    """What the store holds under a hash."""
+
+    present: bool  # an object is there
+    damage: str | None  # why it (or its absence beside a manifest) needs a repair; None: it does not
+    manifest: dict[str, Any] | None  # its sound manifest, None if missing or damaged
+
+    @property
+    def sound(self) -> bool:
+        return self.present and self.damage is None
+
+
+class _Unwanted(Exception):
+    """Stops an upload started ahead of its hash: a sound object is stored under the
+    hash already, or hashing or the lookup failed (the lookahead has the error)."""
+
+
+class _Lookahead:
+    """Hash a local file and look up what the store holds under the hash, in a thread of
+    its own, while the upload this may make pointless goes on in the caller's thread.
+
+    Only the caller's thread writes to the backend: this one reads (the file, the
+    object's metadata, its manifest), so leaving it behind, as an interrupt does, leaves
+    nothing on the backend. ``cancel`` stops the hashing at its next window."""
+
+    def __init__(self, store: ArtifactStore, job: _Put, how: str, sha256: bool, expect_oid: str | None):
+        self._store, self._job, self._how, self._sha256, self._expect = store, job, how, sha256, expect_oid
+        self._cancelled = threading.Event()
+        self._done = threading.Event()
+        self.digest: FileDigest | None = None
+        self.found: _Found | None = None
+        self.error: BaseException | None = None
+        self.hash_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="slp-put-lookahead", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _run(self) -> None:
+        store, job = self._store, self._job
+        try:
+            t0 = time.perf_counter()
+            digest = hash_file(job.local_path, sha256=self._sha256, stop=self._cancelled.is_set)
+            self.hash_seconds = time.perf_counter() - t0
+            self.digest = digest
+            _check_expected(job.local_path, digest, self._expect)
+            final = store.object_path(job.kind, digest.blake3)
+            with backend_errors(store.backend, f"storing {final}"):
+                self.found = store._lookup(job.kind, digest, final, self._how)
+        except BaseException as exc:  # raised again by result(), in the caller's thread
+            self.error = exc
+        finally:
+            self._done.set()
+
+    def stops_upload(self) -> bool:
+        """The upload is pointless: a sound object is stored, or this failed."""
+        return self._done.is_set() and (self.error is not None or self.found.sound)
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def result(self) -> tuple[FileDigest, _Found]:
+        self._done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.digest, self.found
+
+    def final_path(self) -> str:
+        """Where the upload goes: asked once its check passed, so the hash is known."""
+        return self._store.object_path(self._job.kind, self.digest.blake3)
+
+    def storing(self) -> str:
+        """What an upload error names: the object if its hash is known already, else the file."""
+        digest = self.digest
+        return f"storing {self._store.object_path(self._job.kind, digest.blake3) if digest else self._job.local_path}"
+
+
+def _check_expected(local_path: str, digest: FileDigest, expect_oid: str | None) -> None:
+    if expect_oid is not None and digest.blake3 != expect_oid:
+        raise InputError(f"{local_path} hashes to {digest.blake3}, not {expect_oid}: it cannot stand for that object")
+
+
+def _late_destination(backend: Backend) -> bool:
+    """The backend's verified upload goes to a temporary name and can be told where it
+    goes (and stopped) while it runs: the filer's. Said by the upload function itself
+    (``late_destination``) for want of a Backend field."""
+    upload = backend.verified_upload
+    return bool(getattr(getattr(upload, "func", upload), "late_destination", False))
+
+
+def _in_background(fn: Callable[[], Any]) -> Future:
+    """Run ``fn`` in a daemon thread; its result (or error) comes from the Future."""
+    fut: Future = Future()
+
+    def run() -> None:
+        fut.set_running_or_notify_cancel()
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name="slp-store-bg", daemon=True).start()
+    return fut
+
+
 @contextlib.contextmanager
-def backend_errors(backend: Backend, what: str) -> Iterator[None]:
-    """Turn whatever a backend raises into one SlpError line naming the backend."""
+def backend_errors(backend: Backend, what: str | Callable[[], str]) -> Iterator[None]:
+    """Turn whatever a backend raises into one SlpError line naming the backend and
+    ``what`` was being done (a callable: asked only if there is an error to name)."""
     t0 = time.monotonic()
 
     def tried(exc: BaseException) -> str:
@@ -88,12 +220,17 @@ def backend_errors(backend: Backend, what: str) -> Iterator[None]:
         raise
     except (ConnectionError, TimeoutError) as exc:
         how = "timed out" if isinstance(exc, TimeoutError) else "unreachable"
-        raise BackendError(f"{backend.name} backend {how} at {backend.location}{tried(exc)} ({what})") from exc
+        raise BackendError(f"{backend.name} backend {how} at {backend.location}{tried(exc)} ({_said(what)})") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "connect" in msg.lower() or "endpoint" in msg.lower():
-            raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} ({what})") from exc
-        raise BackendError(f"{backend.name} backend at {backend.location}: {what} failed: {msg}") from exc
+            raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} "
+                               f"({_said(what)})") from exc
+        raise BackendError(f"{backend.name} backend at {backend.location}: {_said(what)} failed: {msg}") from exc
+
+
+def _said(what: str | Callable[[], str]) -> str:
+    return what() if callable(what) else what
 
 
 class ArtifactStore:
@@ -176,61 +313,144 @@ class ArtifactStore:
         ``verify_existing="hash"`` its bytes): a sound one is not uploaded again
         (deduplicated); a damaged one is replaced through the same atomic path as a
         new upload, and ``PutResult.repaired`` says why. ``expect_oid``: refuse a
-        file that does not hash to it (``repair``), before anything is sent.
+        file that does not hash to it (``repair``); nothing is published then.
+
+        Where the backend uploads to a temporary name and is told the final one only
+        once the bytes are sent (the filer), the upload starts at once while a thread
+        hashes the file and looks the hash up: a sound stored object stops the upload
+        part-way (nothing is kept of it); otherwise the bytes are published once the
+        hash of what was sent matches. Elsewhere the file is hashed first.
         """
         local_path = os.fspath(local_path)
         if not os.path.exists(local_path):
             raise InputError(f"{local_path}: no such file")
         if not os.path.isfile(local_path):
             raise InputError(f"{local_path}: not a regular file")
+        how = verify_existing or self.verify_existing
+        if how not in EXISTING_CHECKS:  # the constructor checked the default; this is a per-call choice
+            raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")
         metadata = self._inspect(local_path, kind)
+        job = _Put(local_path, kind, os.stat(local_path), callback,
+                   dict(name=name, source=source, provenance=provenance, tool=tool, metadata=metadata))
+        if self._uploads_ahead(job, how):
+            return self._put_ahead(job, how, sha256, expect_oid)
 
-        before = os.stat(local_path)
+        # A first write may have to connect and make a bucket: done while the file is hashed.
+        prepare = _in_background(self.backend.ensure_writable) if self.backend.prepare_write is not None else None
         t0 = time.perf_counter()
         digest = hash_file(local_path, sha256=sha256)
         hash_seconds = time.perf_counter() - t0
-        oid = digest.blake3
-        if expect_oid is not None and oid != expect_oid:
-            raise InputError(f"{local_path} hashes to {oid}, not {expect_oid}: it cannot stand for that object")
-        final = self.object_path(kind, oid)
-        mpath = self.manifest_path(kind, oid)
-
+        _check_expected(local_path, digest, expect_oid)
+        final = self.object_path(kind, digest.blake3)
         with backend_errors(self.backend, f"storing {final}"):
-            self.backend.ensure_writable()
-            how = verify_existing or self.verify_existing
-            if how not in EXISTING_CHECKS:  # the constructor checked the default; this is a per-call choice
-                raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")
-            present, damage = self._check_existing(final, digest, how)
-            if not present and self._sound_manifest_or_none(kind, oid) is not None:
-                damage = "the object was missing, its manifest was not"
-            if present and damage is None:
-                existing = self._sound_manifest_or_none(kind, oid)
-                rewritten = existing is None  # an earlier put stopped between object and manifest, or it was damaged
-                if rewritten:
-                    existing = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, "existing")
-                # Published again even when sound: its new time tells a gc (slp_runner.gc) that listed
-                # this object as old and unreferenced to keep it, as gc re-checks just before deleting.
-                self._publish_bytes(manifests.dumps(existing), mpath)
-                if self.fs.exists(final):  # still there after the refresh: a gc re-checking sees the new time
-                    return PutResult(kind, oid, digest.size, False, 0.0, hash_seconds, "existing", existing, final,
-                                     digest.sha256, manifest_rewritten=rewritten)
-                # else a gc deleted it meanwhile: store it again, as a new object
-
+            found = self._lookup(kind, digest, final, how)
+            if prepare is not None:
+                prepare.result()
+            if found.sound and (done := self._deduplicate(job, digest, found, hash_seconds)) is not None:
+                return done
             t1 = time.perf_counter()
             if self.backend.verified_upload is not None and self.verify_upload == "size":
-                verification = self._write_verified(local_path, final, digest, before, callback)
+                verification = self._write_verified(local_path, final, digest, job.before, callback)
             else:
-                verification = self._write_then_rename(local_path, final, digest, before, callback)
-            seconds = time.perf_counter() - t1
-            record = self._sound_manifest_or_none(kind, oid) if damage else None
-            if record is None:
-                record = self._new_manifest(kind, digest, local_path, name, source, provenance, tool, metadata, verification)
-            if damage:
-                record["integrity"].update(repaired_at=manifests.utc_now(), repair_reason=damage,
-                                           verification_method=verification)
-            self._publish_bytes(manifests.dumps(record), mpath)
-        return PutResult(kind, oid, digest.size, True, seconds, hash_seconds, verification, record, final, digest.sha256,
-                         repaired=damage)
+                verification = self._write_then_rename(local_path, final, digest, job.before, callback)
+            return self._publish_new(job, digest, found, verification, time.perf_counter() - t1, hash_seconds)
+
+    def _uploads_ahead(self, job: _Put, how: str) -> bool:
+        """Whether this put starts its upload before the hash is known (see ``put``).
+
+        Only worth it where reading the file takes a while: below ``AHEAD_MIN`` the
+        hash and the lookup take a few ms, and a deduplicated put would send most of
+        the file before it could be stopped. Not with ``rehash`` or ``hash`` checks,
+        which read the stored bytes back anyway."""
+        return (self.verify_upload == "size" and how == "size" and job.before.st_size >= AHEAD_MIN
+                and _late_destination(self.backend))
+
+    def _put_ahead(self, job: _Put, how: str, sha256: bool, expect_oid: str | None) -> PutResult:
+        look = _Lookahead(self, job, how, sha256, expect_oid)
+        look.start()
+        try:
+            seconds = self._send_ahead(job, look)
+            digest, found = look.result()  # its error, if it had one: hashing, the expected hash, the lookup
+        except BaseException:
+            look.cancel()
+            raise
+        final = self.object_path(job.kind, digest.blake3)
+        with backend_errors(self.backend, f"storing {final}"):
+            if seconds is not None:
+                return self._publish_new(job, digest, found, "inline-hash", seconds, look.hash_seconds)
+            # Stopped: a sound object is stored under the hash.
+            if (done := self._deduplicate(job, digest, found, look.hash_seconds)) is not None:
+                return done
+            t1 = time.perf_counter()  # a gc removed it meanwhile: send the file again, its hash known now
+            verification = self._write_verified(job.local_path, final, digest, job.before, job.callback)
+            return self._publish_new(job, digest, found, verification, time.perf_counter() - t1, look.hash_seconds)
+
+    def _send_ahead(self, job: _Put, look: _Lookahead) -> float | None:
+        """Upload to a temporary name while ``look`` hashes and looks up; publish under
+        the hash if the bytes sent hash to it. The seconds it took, or None if ``look``
+        stopped it (nothing is left of it then)."""
+
+        def proceed() -> None:  # before each block sent
+            if look.stops_upload():
+                raise _Unwanted
+
+        def check(sent: FileDigest) -> None:  # once all was sent, before the rename
+            look.wait()
+            if look.stops_upload():
+                raise _Unwanted
+            if sent.blake3 != look.digest.blake3:
+                raise IntegrityError(f"{job.local_path} changed while it was being stored; nothing was published")
+            self._check_unchanged(job.local_path, job.before)
+
+        with backend_errors(self.backend, look.storing):
+            self.backend.ensure_writable()
+            t1 = time.perf_counter()
+            try:
+                self.backend.verified_upload(job.local_path, look.final_path, check, callback=job.callback,
+                                             incoming=self.backend.path(INCOMING, f"{uuid.uuid4().hex}.part"),
+                                             proceed=proceed)
+            except _Unwanted:
+                return None
+            return time.perf_counter() - t1
+
+    def _lookup(self, kind: ArtifactKind, digest: FileDigest, final: str, how: str) -> _Found:
+        """What is stored under the hash: the object, checked ``how``, and its manifest,
+        asked for at the same time (the latency of one request, not two)."""
+        manifest = _in_background(lambda: self._sound_manifest_or_none(kind, digest.blake3))
+        present, damage = self._check_existing(final, digest, how)
+        found = _Found(present, damage, manifest.result())
+        if not present and found.manifest is not None:
+            found.damage = "the object was missing, its manifest was not"
+        return found
+
+    def _deduplicate(self, job: _Put, digest: FileDigest, found: _Found, hash_seconds: float) -> PutResult | None:
+        """Keep the sound object stored under the hash; None if a gc removed it meanwhile."""
+        final = self.object_path(job.kind, digest.blake3)
+        existing = found.manifest
+        rewritten = existing is None  # an earlier put stopped between object and manifest, or it was damaged
+        if rewritten:
+            existing = self._new_manifest(job.kind, digest, job.local_path, **job.manifest_args, verification="existing")
+        # Published again even when sound: its new time tells a gc (slp_runner.gc) that listed
+        # this object as old and unreferenced to keep it, as gc re-checks just before deleting.
+        self._publish_bytes(manifests.dumps(existing), self.manifest_path(job.kind, digest.blake3))
+        if self.fs.exists(final):  # still there after the refresh: a gc re-checking sees the new time
+            return PutResult(job.kind, digest.blake3, digest.size, False, 0.0, hash_seconds, "existing", existing,
+                             final, digest.sha256, manifest_rewritten=rewritten)
+        return None  # a gc deleted it meanwhile: store it again, as a new object
+
+    def _publish_new(self, job: _Put, digest: FileDigest, found: _Found, verification: str, seconds: float,
+                     hash_seconds: float) -> PutResult:
+        """Write the manifest of an object just stored (after it: a gc never sees a manifest
+        whose object is still to come). A repaired object keeps its sound old manifest."""
+        record = found.manifest if found.damage else None
+        if record is None:
+            record = self._new_manifest(job.kind, digest, job.local_path, **job.manifest_args, verification=verification)
+        if found.damage:
+            record["integrity"].update(repaired_at=manifests.utc_now(), repair_reason=found.damage,
+                                       verification_method=verification)
+        self._publish_bytes(manifests.dumps(record), self.manifest_path(job.kind, digest.blake3))
+        return PutResult(job.kind, digest.blake3, digest.size, True, seconds, hash_seconds, verification, record,
+                         self.object_path(job.kind, digest.blake3), digest.sha256, repaired=found.damage)
 
     def _check_existing(self, final: str, digest: FileDigest, how: str) -> tuple[bool, str | None]:
         """``(present, damage)`` for the object at ``final``: damage is None when it is
@@ -308,7 +528,7 @@ class ArtifactStore:
             return {"record_count": count_prompt_records(local_path)}
         return {}
 
-    def _new_manifest(self, kind, digest, local_path, name, source, provenance, tool, metadata, verification):
+    def _new_manifest(self, kind, digest, local_path, *, name, source, provenance, tool, metadata, verification):
         # Manifests are shared through the backend: a field named like a credential
         # (+provenance.token=...) is recorded as *** (what a run folder shows too).
         prov = mask_names(dict(provenance or {}))

@@ -139,7 +139,7 @@ def test_file_changing_during_upload_is_not_published(store, tmp_path):
     from fsspec.callbacks import Callback
 
     path = tmp_path / "moving.bin"
-    path.write_bytes(os.urandom(12 * 1024 * 1024))  # several S3 parts
+    path.write_bytes(os.urandom(20 * 1024 * 1024))  # several S3 parts (up to 16 MiB: one PUT, checked before it is sent)
 
     def append_to_source():  # another writer changes the file mid-upload
         with open(path, "ab") as f:

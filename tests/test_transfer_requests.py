@@ -5,19 +5,22 @@ response hook on the filer's session, a botocore event on the S3 client."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections import Counter
 
 import blake3
 import pytest
 from botocore.exceptions import ClientError
+from fsspec.callbacks import Callback
 
 from conftest import make_backend
 from slp_runner.artifacts import BLOB
 from slp_runner.backends.s3_multipart import download_ordered
 from slp_runner.backends.seaweedfs import upload_verified
 from slp_runner.errors import IntegrityError
-from slp_runner.store import INCOMING, ArtifactStore
+from slp_runner.store import AHEAD_MIN, INCOMING, ArtifactStore
 
 MiB = 1024 * 1024
 
@@ -37,8 +40,24 @@ def counting(backend) -> Counter:
 @pytest.fixture
 def blob(tmp_path):
     path = tmp_path / "blob.bin"
-    path.write_bytes(os.urandom(12 * MiB + 5))  # two S3 parts and a tail
+    path.write_bytes(os.urandom(12 * MiB + 5))  # the filer sends it while hashing it; one PUT on S3
     return path
+
+
+@pytest.fixture
+def large_blob(tmp_path):
+    path = tmp_path / "large.bin"
+    path.write_bytes(os.urandom(20 * MiB + 5))  # past SINGLE_PUT_MAX: three S3 parts, the last short
+    return path
+
+
+class _FirstBlockWaits(Callback):
+    """Holds a put's upload after its first block until the put's hash is looked up
+    (its lookahead thread has ended): then it is stopped, not sent whole, every time."""
+
+    def call(self, *args, **kwargs):
+        while self.value and any(t.name == "slp-put-lookahead" and t.is_alive() for t in threading.enumerate()):
+            time.sleep(0.002)
 
 
 def test_filer_put_and_get_requests(seaweed, tmp_path, blob, cache):
@@ -47,32 +66,57 @@ def test_filer_put_and_get_requests(seaweed, tmp_path, blob, cache):
     counts = counting(backend)
 
     new = store.put(str(blob), BLOB)
-    # object and manifest looked up (404), the object PUT under .incoming/ (hashed as it
-    # streams) and renamed, the manifest PUT in place: no size or existence checks between.
+    # The object PUT under .incoming/ at once (hashed as it streams) while the file is
+    # hashed and looked up (object and manifest: 404), renamed, the manifest PUT in place.
     assert new.verification == "inline-hash"
     assert counts == Counter({"GET 404": 2, "PUT 201": 2, "POST 204": 1}), counts
     counts.clear()
-    assert not store.put(str(blob), BLOB).uploaded
-    assert counts == Counter({"GET 200": 3, "PUT 201": 1}), counts
+    assert not store.put(str(blob), BLOB, callback=_FirstBlockWaits()).uploaded
+    # Found sound (object, manifest): the object's PUT is cut after its first block (no
+    # answer), its temporary name deleted; the manifest refreshed, the object still there.
+    assert counts == Counter({"GET 200": 3, "PUT 201": 1, "DELETE 204": 1}), counts
     counts.clear()
     cache.get(store, BLOB, new.oid)
     assert counts == Counter({"GET 200": 2}), counts  # its size, then one streamed GET
     assert backend.fs.ls(backend.path(INCOMING), detail=False) == []
 
 
-def test_s3_put_and_get_requests(seaweed, tmp_path, blob, cache):
+def test_filer_put_of_a_small_file_hashes_first(seaweed, tmp_path):
+    backend = make_backend("seaweedfs", seaweed, tmp_path)
+    store = ArtifactStore(backend)
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(AHEAD_MIN - 1))
+    counts = counting(backend)
+
+    assert store.put(str(small), BLOB).uploaded
+    assert counts == Counter({"GET 404": 2, "PUT 201": 2, "POST 204": 1}), counts
+    counts.clear()
+    assert not store.put(str(small), BLOB).uploaded
+    assert counts == Counter({"GET 200": 3, "PUT 201": 1}), counts  # nothing of the object sent
+
+
+def test_s3_put_and_get_requests(seaweed, tmp_path, blob, large_blob, cache):
     backend = make_backend("s3", seaweed, tmp_path)
     store = ArtifactStore(backend)
     backend.ensure_writable()
     counts = counting(backend)
 
     new = store.put(str(blob), BLOB)
+    # Looked up (object: HEAD, and s3fs's listing for a missing key; manifest: GET), one
+    # PUT of the object (hashed and checked before it is sent), the manifest PUT.
+    assert counts == Counter({"HeadObject": 1, "ListObjectsV2": 1, "GetObject": 1, "PutObject": 2}), counts
+    counts.clear()
+    large = store.put(str(large_blob), BLOB)
     assert counts == Counter({"HeadObject": 1, "ListObjectsV2": 1, "GetObject": 1, "CreateMultipartUpload": 1,
-                              "UploadPart": 2, "CompleteMultipartUpload": 1, "PutObject": 1}), counts
+                              "UploadPart": 3, "CompleteMultipartUpload": 1, "PutObject": 1}), counts
+    counts.clear()
+    assert not store.put(str(large_blob), BLOB).uploaded
+    assert counts == Counter({"HeadObject": 2, "GetObject": 1, "PutObject": 1}), counts
     counts.clear()
     cache.get(store, BLOB, new.oid)
     # one HEAD for the cache's size check; the first ranged GET gives the size to the download
     assert counts == Counter({"HeadObject": 1, "GetObject": 2}), counts
+    assert store.verify(BLOB, large.oid).ok
 
 
 def test_s3_download_from_any_offset_without_a_head(seaweed, tmp_path):

@@ -19,6 +19,7 @@ as ``ConnectionError``/``TimeoutError`` so the reader can continue from there.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
@@ -30,20 +31,25 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from ..hashing import FileDigest, StreamHasher
 
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part but the last
+# Files up to this size go in one PUT. Measured on weed s3 (2 cores): a 16 MiB PUT took
+# 244 ms where 2 x 8 MiB parts took 330 (Create, 2 parts, Complete), boto3 311; at 32 MiB
+# one PUT was faster still, but holds the whole file in memory (multipart: 5 parts).
+SINGLE_PUT_MAX = 16 * 1024 * 1024
 
 
 def upload_verified(fs, local_path: str, path: str, check: Callable[[FileDigest], None], *,
-                    part_size: int = 16 * 1024 * 1024, concurrency: int = 4,
+                    part_size: int = 16 * 1024 * 1024, concurrency: int = 4, single_put_max: int = SINGLE_PUT_MAX,
                     callback: Callback = DEFAULT_CALLBACK, incoming: str | None = None) -> None:
     """``incoming``: unused, an uncompleted multipart upload is invisible already."""
     bucket, key, _ = fs.split_path(path)
     part_size = max(part_size, MIN_PART)
+    single_put_max = max(single_put_max, part_size)
     with open(local_path, "rb") as src:
-        head = src.read(part_size + 1)
-    if len(head) <= part_size:
+        head = src.read(single_put_max + 1) if os.fstat(src.fileno()).st_size <= single_put_max else None
+    if head is not None and len(head) <= single_put_max:
         # Small enough for one PUT: hash the very buffer that will be sent, check it,
-        # then send it. Nothing leaves before the check; one request instead of three.
-        small = StreamHasher()
+        # then send it. Nothing leaves before the check; one request instead of 2 + parts.
+        small = StreamHasher(threads=1)
         small.update(head)
         check(small.digest())
         fs.call_s3("put_object", Bucket=bucket, Key=key, Body=head)
@@ -52,7 +58,7 @@ def upload_verified(fs, local_path: str, path: str, check: Callable[[FileDigest]
         return
     del head
     upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
-    sent = StreamHasher()
+    sent = StreamHasher(threads=1)
     parts: dict[int, str] = {}
     try:
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slp-s3-part") as pool, \

@@ -299,16 +299,21 @@ class SeaweedFSFileSystem(AbstractFileSystem):
             raise FileExistsError(rpath)
         self._put_stream(lpath, rpath, callback, hasher=None)
 
-    def put_file_hashed(self, lpath, rpath, callback=DEFAULT_CALLBACK, sha256=False):
+    def put_file_hashed(self, lpath, rpath, callback=DEFAULT_CALLBACK, sha256=False, proceed=None):
         """``put_file`` that hashes the bytes as they are sent, in the same read: returns
         the :class:`~slp_runner.hashing.FileDigest` of the bytes the filer stored (the
         last attempt's, if a cut upload was sent again). OSError if the filer stored
-        another size than was sent."""
+        another size than was sent.
+
+        ``proceed()`` is called before each block is sent; whatever it raises stops the
+        upload there (the connection is closed part-way, so the filer stores nothing)
+        and is raised from here, not retried."""
         from ..hashing import StreamHasher
 
-        return self._put_stream(lpath, rpath, callback, hasher=lambda: StreamHasher(sha256=sha256))
+        return self._put_stream(lpath, rpath, callback, hasher=lambda: StreamHasher(sha256=sha256, threads=1),
+                                proceed=proceed)
 
-    def _put_stream(self, lpath, rpath, callback, hasher):
+    def _put_stream(self, lpath, rpath, callback, hasher, proceed=None):
         size = os.path.getsize(lpath)
         callback.set_size(size)
         sent = []
@@ -316,7 +321,7 @@ class SeaweedFSFileSystem(AbstractFileSystem):
         def open_body():
             # Reopened for each attempt: a cut PUT is sent again from the first byte
             # (the progress bar is told to take back what it had counted).
-            body = _SentReader(open(lpath, "rb"), size, callback, hasher() if hasher else None)
+            body = _SentReader(open(lpath, "rb"), size, callback, hasher() if hasher else None, proceed)
             sent.append(body)
             return body
 
@@ -411,19 +416,31 @@ class SeaweedFSFileSystem(AbstractFileSystem):
         return any(c in path for c in "*?[")
 
 
-def upload_verified(fs: SeaweedFSFileSystem, local_path: str, path: str, check, *, incoming: str,
-                    callback=DEFAULT_CALLBACK) -> None:
+def upload_verified(fs: SeaweedFSFileSystem, local_path: str, path, check, *, incoming: str,
+                    callback=DEFAULT_CALLBACK, proceed=None) -> None:
     """Send ``local_path`` to the temporary name ``incoming``, hashing the bytes as they
     go out (one read of the file), and rename it to ``path`` only if ``check(digest)``
     passes; otherwise remove it. Two requests: the PUT and the rename (which replaces
-    a file at ``path`` and refuses a directory)."""
+    a file at ``path`` and refuses a directory).
+
+    ``path`` may be a callable, asked once ``check`` has passed: the upload can start
+    before its caller knows where it goes (before the file's hash is known).
+    ``proceed()`` is called before each block is sent; what it raises stops the
+    upload part-way (see ``put_file_hashed``), removes ``incoming`` and is raised."""
     try:
-        check(fs.put_file_hashed(local_path, incoming, callback=callback))
-        fs.mv(incoming, path)
+        check(fs.put_file_hashed(local_path, incoming, callback=callback, proceed=proceed))
+        fs.mv(incoming, path() if callable(path) else path)
     except BaseException:
+        # A PUT cut part-way never made an entry; one sent whole did (a check that failed).
         with contextlib.suppress(Exception):
             fs._call("DELETE", incoming, ok=(404,))
         raise
+
+
+# The store may start this upload before the hash is known, deciding where it goes
+# (and whether it is wanted at all) while it runs: the bytes go to a temporary name
+# first anyway. An S3 multipart upload is made at its final key, so it cannot.
+upload_verified.late_destination = True
 
 
 class SeaweedFSFile(AbstractBufferedFile):
@@ -522,13 +539,15 @@ class _ResponseStream(io.RawIOBase):
 class _SentReader:
     """A file as a request body: at most ``size`` bytes (a file growing meanwhile sends
     no more than its Content-Length), each read told to an fsspec callback and, with a
-    hasher, hashed as it goes out."""
+    hasher, hashed as it goes out. ``proceed()``, if given, is called before each read:
+    what it raises ends the upload (urllib3 closes the connection part-way)."""
 
-    def __init__(self, f, size, callback, hasher=None):
+    def __init__(self, f, size, callback, hasher=None, proceed=None):
         self._f = f
         self._size = self._left = size
         self._callback = callback
         self._hasher = hasher
+        self._proceed = proceed
         self._sent = 0
 
     def __enter__(self):
@@ -540,6 +559,8 @@ class _SentReader:
         self._f.close()
 
     def read(self, n=-1):
+        if self._proceed is not None:
+            self._proceed()
         n = self._left if n is None or n < 0 else min(n, self._left)
         data = self._f.read(n) if n else b""
         self._left -= len(data)

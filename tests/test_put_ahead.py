@@ -1,0 +1,219 @@
+"""A filer put sends the file while a thread hashes it and looks the hash up
+(ArtifactStore.put): what it must never do, whatever the lookup finds or when it is
+stopped. Real filer, real S3 gateway, real files changed under the put, a real slp
+process stopped with SIGTERM; the pace of an upload is set by its progress callback
+(a put reports each block as it is read), nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+
+import psutil
+import pytest
+from fsspec.callbacks import Callback
+
+from conftest import make_backend
+from slp_runner.artifacts import BLOB
+from slp_runner.backends import seaweedfs_backend
+from slp_runner.backends.s3_uploads import uploads_in_progress
+from slp_runner.errors import InputError, IntegrityError
+from slp_runner.store import AHEAD_MIN, INCOMING, ArtifactStore
+from test_faults_network import write_blob
+from test_signals import start
+from test_store import listing
+
+MiB = 1024 * 1024
+SIZE = 24 * MiB
+assert SIZE >= AHEAD_MIN  # these puts upload ahead of their hash
+
+
+def lookahead_done(timeout: float = 30.0) -> None:
+    """Wait until the put's hash is known and looked up (its thread has ended)."""
+    deadline = time.monotonic() + timeout
+    while any(t.name == "slp-put-lookahead" and t.is_alive() for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the lookahead never ended"
+        time.sleep(0.002)
+
+
+class OnFirstBlock(Callback):
+    """Runs ``action`` when the first bytes are reported sent (the upload waits for it);
+    remembers the most bytes ever reported."""
+
+    def __init__(self, action):
+        super().__init__()
+        self.action = action
+        self.most = 0
+
+    def call(self, *args, **kwargs):
+        if self.value > 0 and self.action is not None:
+            action, self.action = self.action, None
+            action()
+        self.most = max(self.most, self.value)
+
+
+def incoming(store: ArtifactStore) -> list[str]:
+    try:
+        return store.fs.ls(store.backend.path(INCOMING), detail=False)
+    except FileNotFoundError:
+        return []
+
+
+def answered(backend) -> Counter:
+    """Requests the filer answered, by method and status (a PUT cut part-way has no answer)."""
+    counts: Counter = Counter()
+    backend.fs.session.hooks["response"].append(
+        lambda resp, *a, **k: counts.update([f"{resp.request.method} {resp.status_code}"]))
+    return counts
+
+
+@pytest.fixture
+def filer_store(seaweed, tmp_path):
+    return ArtifactStore(make_backend("seaweedfs", seaweed, tmp_path))
+
+
+@pytest.fixture
+def big(tmp_path):
+    return write_blob(tmp_path / "big.bin", SIZE)
+
+
+def test_put_of_a_stored_file_stops_its_upload_and_keeps_nothing_of_it(filer_store, big):
+    first = filer_store.put(big, BLOB)
+    counts = answered(filer_store.backend)
+    progress = OnFirstBlock(lookahead_done)
+
+    again = filer_store.put(big, BLOB, callback=progress)
+
+    assert not again.uploaded and again.oid == first.oid and again.seconds == 0.0
+    assert progress.most <= 2 * MiB and progress.value == 0  # stopped after its first block, taken back
+    # Looked up (object, manifest), the manifest refreshed, the object still there; the
+    # object's PUT was cut part-way, unanswered, and its temporary name deleted all the same.
+    assert counts == Counter({"GET 200": 3, "PUT 201": 1, "DELETE 204": 1}), counts
+    assert incoming(filer_store) == []
+    assert filer_store.verify(BLOB, first.oid).ok
+
+
+def test_put_of_a_stored_file_sent_whole_before_the_lookup_keeps_nothing_of_it(filer_store, tmp_path):
+    path = write_blob(tmp_path / "small.bin", AHEAD_MIN)  # sent whole before any lookup answers, often
+    first = filer_store.put(path, BLOB)
+    again = filer_store.put(path, BLOB)
+    assert not again.uploaded and again.oid == first.oid
+    assert incoming(filer_store) == []
+    assert sorted(listing(filer_store.backend)) == sorted([first.object_path, filer_store.manifest_path(BLOB, first.oid)])
+
+
+@pytest.mark.parametrize("name", ["seaweedfs", "s3"])
+def test_file_changed_during_put_publishes_nothing(name, seaweed, tmp_path):
+    backend = make_backend(name, seaweed, tmp_path)
+    store = ArtifactStore(backend)
+    path = write_blob(tmp_path / "moving.bin", 40 * MiB)  # on S3 five parts: the last is read after the first is sent
+    before = os.stat(path)
+
+    def change_the_tail():
+        lookahead_done()  # the file's hash is taken (the filer's thread; S3 hashed before sending)
+        with open(path, "r+b") as f:
+            f.seek(-MiB, os.SEEK_END)
+            f.write(os.urandom(MiB))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same time: only the bytes tell
+
+    with pytest.raises(IntegrityError, match="changed while it was being stored; nothing was published"):
+        store.put(path, BLOB, callback=OnFirstBlock(change_the_tail))
+
+    assert listing(backend) == []  # no object, no manifest, nothing under .incoming/
+    if name == "s3":
+        assert list(uploads_in_progress(backend.fs, backend.root)) == []
+
+
+def test_put_of_a_file_not_matching_its_expected_hash_stops_and_keeps_nothing(filer_store, big):
+    with pytest.raises(InputError, match="hashes to .*, not 0{64}"):
+        filer_store.put(big, BLOB, expect_oid="0" * 64, callback=OnFirstBlock(lookahead_done))
+    assert listing(filer_store.backend) == []
+
+
+def test_put_interrupted_mid_upload_keeps_nothing(filer_store, big):
+    def interrupt():  # as the SIGINT/SIGTERM handlers do: an exception in the main thread
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        filer_store.put(big, BLOB, callback=OnFirstBlock(interrupt))
+    lookahead_done()  # stopped, or finished reading: it never writes
+    assert listing(filer_store.backend) == []
+
+
+def test_put_whose_stored_object_is_removed_while_its_upload_stops_stores_it_again(filer_store, big):
+    first = filer_store.put(big, BLOB)
+
+    def gc_removes_it():  # after the lookup found it sound, before the put refreshed its manifest
+        lookahead_done()
+        filer_store.fs.rm(first.object_path)
+
+    again = filer_store.put(big, BLOB, callback=OnFirstBlock(gc_removes_it))
+
+    assert again.uploaded and again.oid == first.oid
+    assert filer_store.verify(BLOB, first.oid).ok
+    assert incoming(filer_store) == []
+
+
+def test_put_over_a_damaged_object_replaces_it(filer_store, big):
+    first = filer_store.put(big, BLOB, provenance={"team": "a"})
+    filer_store.fs.pipe_file(first.object_path, b"truncated")
+
+    again = filer_store.put(big, BLOB, provenance={"team": "b"})
+
+    assert again.uploaded and again.repaired == f"stored size 9 != {SIZE} bytes"
+    assert filer_store.verify(BLOB, first.oid).ok
+    kept = filer_store.read_manifest(BLOB, first.oid)
+    assert kept["provenance"]["team"] == "a" and kept["integrity"]["repair_reason"] == again.repaired
+    assert incoming(filer_store) == []
+
+
+def test_put_of_a_lost_object_stores_it_and_keeps_its_manifest(filer_store, big):
+    first = filer_store.put(big, BLOB, provenance={"team": "a"})
+    filer_store.fs.rm(first.object_path)
+
+    again = filer_store.put(big, BLOB, provenance={"team": "b"})
+
+    assert again.uploaded and again.repaired == "the object was missing, its manifest was not"
+    assert filer_store.verify(BLOB, first.oid).ok
+    assert filer_store.read_manifest(BLOB, first.oid)["provenance"]["team"] == "a"
+
+
+def test_put_of_a_stored_object_with_a_damaged_manifest_rewrites_only_the_manifest(filer_store, big):
+    first = filer_store.put(big, BLOB)
+    filer_store.fs.pipe_file(filer_store.manifest_path(BLOB, first.oid), b"{not json")
+
+    again = filer_store.put(big, BLOB, callback=OnFirstBlock(lookahead_done))
+
+    assert not again.uploaded and again.manifest_rewritten
+    assert filer_store.verify(BLOB, first.oid).ok
+    assert incoming(filer_store) == []
+
+
+def test_sigterm_during_a_filer_put_leaves_nothing(seaweed, tmp_path):
+    path = write_blob(tmp_path / "big.bin", 256 * MiB)
+    root = f"t-{uuid.uuid4().hex[:12]}"
+    env = dict(os.environ, SLP_CACHE_DIR=str(tmp_path / "cache"), SLP_SERVER="off")
+    proc = start(env, "task=put", "kind=blob", f"path={path}", "progress=false", "backend=seaweedfs",
+                 f"backend.filer_url={seaweed.filer_url}", f"backend.root={root}")
+    reading = psutil.Process(proc.pid)
+    start_chars = None
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:  # the upload reads the file; hashing maps it
+        chars = reading.io_counters().read_chars
+        start_chars = chars if start_chars is None else start_chars
+        if os.path.exists(path) and chars - start_chars >= 64 * MiB:
+            break
+        time.sleep(0.002)
+    assert proc.poll() is None, "finished before it was stopped"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "slp: interrupted (SIGTERM)"
+    fs = seaweedfs_backend(filer_url=seaweed.filer_url, root=root).fs
+    left = fs.find(root) if fs.exists(root) else []
+    assert left == [], left
