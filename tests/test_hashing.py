@@ -44,3 +44,34 @@ def test_stream_hasher_equals_file_hash(tmp_path):
     for i in range(0, len(data), 65536):
         h.update(data[i : i + 65536])
     assert h.digest() == hash_file(path, sha256=True)
+
+
+def test_hash_file_stops_between_windows_when_told(tmp_path):
+    from slp_runner.hashing import WINDOW, HashingStopped
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(WINDOW + 5))  # two windows
+    asked = []
+
+    def stop_after_the_first_window():
+        asked.append(True)
+        return len(asked) > 1
+
+    with pytest.raises(HashingStopped, match=f"stopped at byte {WINDOW}"):
+        hash_file(path, stop=stop_after_the_first_window)
+    assert hash_file(path, stop=lambda: False).blake3 == blake3.blake3(path.read_bytes()).hexdigest()
+
+
+def test_single_thread_stream_hasher_equals_the_default(tmp_path):
+    data = os.urandom(3 * 1024 * 1024 + 1)
+    one, auto = StreamHasher(threads=1), StreamHasher()
+    for h in (one, auto):
+        for i in range(0, len(data), 1 << 20):
+            h.update(data[i:i + (1 << 20)])
+    assert one.digest() == auto.digest() == hash_file_digest(tmp_path, data)
+
+
+def hash_file_digest(tmp_path, data):
+    path = tmp_path / "g"
+    path.write_bytes(data)
+    return hash_file(path)

@@ -305,9 +305,9 @@ class SeaweedFSFileSystem(AbstractFileSystem):
         last attempt's, if a cut upload was sent again). OSError if the filer stored
         another size than was sent.
 
-        ``proceed()`` is called before each block is sent; whatever it raises stops the
+        ``proceed()`` is called before each block is sent; what it raises stops the
         upload there (the connection is closed part-way, so the filer stores nothing)
-        and is raised from here, not retried."""
+        and is raised from here (a ConnectionError or TimeoutError would be retried)."""
         from ..hashing import StreamHasher
 
         return self._put_stream(lpath, rpath, callback, hasher=lambda: StreamHasher(sha256=sha256, threads=1),
