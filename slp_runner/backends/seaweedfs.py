@@ -539,8 +539,9 @@ class _ResponseStream(io.RawIOBase):
 class _SentReader:
     """A file as a request body: at most ``size`` bytes (a file growing meanwhile sends
     no more than its Content-Length), each read told to an fsspec callback and, with a
-    hasher, hashed as it goes out. ``proceed()``, if given, is called before each read:
-    what it raises ends the upload (urllib3 closes the connection part-way)."""
+    hasher, hashed as it goes out. ``proceed()``, if given, is called before each read
+    that has bytes left to send: what it raises ends the upload with the body short
+    (urllib3 closes the connection), so the filer makes no entry of it."""
 
     def __init__(self, f, size, callback, hasher=None, proceed=None):
         self._f = f
@@ -559,7 +560,7 @@ class _SentReader:
         self._f.close()
 
     def read(self, n=-1):
-        if self._proceed is not None:
+        if self._proceed is not None and self._left:  # not after the last byte: the filer has it all
             self._proceed()
         n = self._left if n is None or n < 0 else min(n, self._left)
         data = self._f.read(n) if n else b""
