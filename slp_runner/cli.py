@@ -39,7 +39,7 @@ def _exit_interrupted(exc: KeyboardInterrupt):
     import signal
 
     signum = getattr(exc, "signum", signal.SIGINT)
-    with contextlib.suppress(OSError):  # a terminal that hung up
+    with contextlib.suppress(Exception):  # a terminal that hung up, a stdout that fails
         print(f"slp: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -252,8 +252,12 @@ def run_reporting_errors(cfg) -> None:
     sweep, recorded in the job's folder while the other jobs go on."""
     from .tasks import multirun_job_dir, run_task
 
+    from .stdout import StdoutError
+
     try:
         run_task(cfg)
+    except StdoutError:
+        raise  # main says it (or, for a reader that left, nothing)
     except Exception as exc:
         if _TRACE:  # a developer's view: the whole traceback
             raise
@@ -275,16 +279,30 @@ def run_reporting_errors(cfg) -> None:
 
 
 def main() -> None:
+    from . import stdout
+
+    stdout.guard()
+    try:
+        try:
+            _main()
+        finally:  # here, not at exit: a write error is reported like any other
+            sys.stdout.flush()
+    except stdout.StdoutError as exc:
+        raise stdout.ended(exc) from None
+
+
+def _main() -> None:
     argv = sys.argv[1:]
     try:
         text = answer_without_hydra(argv)
-        if text is not None:
-            sys.stdout.write(text)
-            return
-        check_group_choices(argv)
+        if text is None:
+            check_group_choices(argv)
     except (SlpError, KeyError) as exc:
         print(f"slp: error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if text is not None:
+        sys.stdout.write(text)
+        return
 
     # Hydra prints its own errors over several lines, then exits; told to raise them
     # instead, they are reported here in one. A user who set the variable gets the trace.

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = _take_lock(path + ".lock")
     if lock is None:
         return 0  # another server has it
+    _call_self(b"slp-server")
     _preload()
     _warm_up()
     watched = FileWatch(_module_files())
@@ -408,6 +409,7 @@ def _worker(conn, server: int) -> int:
             _reply(conn, {"refused": str(exc)})
         return 0
     _die_with(server)
+    _call_self(b"slp")
     try:
         _reply(conn, {"pid": os.getpid()})
     except OSError:
@@ -416,16 +418,27 @@ def _worker(conn, server: int) -> int:
     return 1
 
 
+def _prctl(option: int, arg) -> None:
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(option, arg)
+
+
 def _die_with(parent: int) -> None:
     """Be killed if the server dies (the client then says the command was lost): no
     worker runs on unseen, writing to a terminal whose ``slp`` has exited."""
-    import ctypes
-
     PR_SET_PDEATHSIG = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the call
         os._exit(1)
+
+
+def _call_self(name: bytes) -> None:
+    """The name ``ps``, ``top`` and ``pkill`` see (the kernel's ``comm``): ``slp`` for a
+    worker running a command, as its client is called; ``slp-server`` for the server."""
+    PR_SET_NAME = 15
+    _prctl(PR_SET_NAME, name)
 
 
 def _work(message: dict, fds: list[int], conn) -> None:

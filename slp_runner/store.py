@@ -268,14 +268,27 @@ class ArtifactStore:
     def find_kind(self, oid: str) -> ArtifactKind:
         """The kind under which ``oid`` is stored; ArtifactNotFound if under none."""
         validate_oid(oid)
-        for kind in KINDS.values():
-            if self.exists(kind, oid):
-                return kind
-        for kind in KINDS.values():  # the object may be lost while its manifest is not (repair)
-            with backend_errors(self.backend, f"checking {self.manifest_path(kind, oid)}"):
-                if self.fs.exists(self.manifest_path(kind, oid)):
+        kinds = list(KINDS.values())
+        objects = [self.object_path(kind, oid) for kind in kinds]
+        # The object may be lost while its manifest is not (repair): its kind is the manifest's.
+        for paths in (objects, [self.manifest_path(kind, oid) for kind in kinds]):
+            for kind, there in zip(kinds, self._exist_all(paths)):
+                if there:
                     return kind
         raise ArtifactNotFound(f"no artifact with hash {oid} in {self.backend.name} backend at {self.backend.location}")
+
+    def _exist_all(self, paths: list[str]) -> list[bool]:
+        """Whether each path exists. On a remote backend the requests go out at once (the
+        latency of one, not of each: a get by hash alone probes every kind's folder);
+        locally a stat is quicker than a thread."""
+        def exists(path: str) -> bool:
+            with backend_errors(self.backend, f"checking {path}"):
+                return self.fs.exists(path)
+
+        if self.backend.local_paths:
+            return [exists(path) for path in paths]
+        later = [_in_background(lambda path=path: exists(path)) for path in paths[1:]]
+        return [exists(paths[0])] + [answer.result() for answer in later]
 
     def require(self, kind: ArtifactKind, oid: str) -> None:
         self.size_of(kind, oid)

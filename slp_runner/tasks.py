@@ -548,9 +548,12 @@ TASKS: dict[str, Task] = {
 }
 
 
-def run_task(cfg: DictConfig, out: TextIO = sys.stdout) -> Any:
+def run_task(cfg: DictConfig, out: TextIO | None = None) -> Any:
     """Run the task a composed config names (callable from tests without Hydra's main).
-    Returns the report's data; exits 1 (after printing it) when the task found damage."""
+    Returns the report's data; exits 1 (after printing it) when the task found damage.
+    ``out``: where its report goes, ``sys.stdout`` as it is when called (a server's
+    worker has its client's)."""
+    out = sys.stdout if out is None else out
     task = cfg.get("task") or ("run" if cfg.get("pipeline") else None)
     if not task:
         raise ConfigError(f"no task given: add task=<{'|'.join(TASKS)}> (slp --help lists them)")

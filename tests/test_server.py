@@ -77,6 +77,14 @@ def in_server(env) -> bool:
     return os.path.exists(env["SLP_WORKER_RUSAGE"])
 
 
+def gone(proc: psutil.Process) -> bool:
+    """Exited: reaped, or a zombie (which its parent may reap while this looks)."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_for(predicate, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -182,11 +190,12 @@ def test_a_signal_to_the_client_reaches_the_worker(env, tmp_path, sig, code):
     server = serve(env)
     proc = _slow_run(env, tmp_path)
     (worker,) = wait_for(lambda: workers(server), what="the worker")
+    assert (worker.name(), psutil.Process(server).name()) == ("slp", "slp-server")  # as ps, top and pkill see them
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == f"slp: interrupted ({signal.Signals(sig).name})"
-    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    assert gone(worker)
     listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
     assert "interrupted" in listing.stdout, listing.stdout  # finalized by the worker, as in-process
 
@@ -214,7 +223,7 @@ def test_killing_the_client_kills_its_worker(env, tmp_path):
     proc.kill()
     proc.communicate(timeout=30)
     wait_for(lambda: not workers(server), timeout=10, what="the worker to go")
-    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    assert gone(worker)
     listing = slp(env, "task=runs", f"runner.runs_dir={tmp_path / 'runs'}")
     assert "abandoned" in listing.stdout and f"pid {proc.pid} on" in listing.stdout  # its lock went with it
 
@@ -245,7 +254,7 @@ def test_a_killed_server_takes_its_command_and_the_client_says_so_then_is_replac
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 255
     assert err.strip().splitlines()[-1] == "slp: error: the slp server stopped while running this command (see SLP_SERVER)"
-    wait_for(lambda: not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, timeout=10,
+    wait_for(lambda: gone(worker), timeout=10,
              what="the worker to die with its server")
     after = slp(env, "--version")  # the socket is left; nobody listens: run here, start another
     assert after.returncode == 0 and not in_server(env)

@@ -19,6 +19,7 @@ from slp_runner.errors import NotAbandoned
 from slp_runner.pipeline.abandoned import find_abandoned, finalize_abandoned, remove_abandoned, staging_runs
 from slp_runner.pipeline.run_folder import RunFolder, new_run_id
 from test_cli import SLP, slp
+from test_server import gone
 from conftest import TEST_CONF
 
 TESTS = ["hydra.searchpath=[file://" + TEST_CONF + "]"]
@@ -334,9 +335,9 @@ def test_sigterm_during_inference_stops_the_llama_server(env, tmp_path, gemma_pa
     print(f"SIGTERM during inference: slp exited {time.time() - t0:.2f} s later")
     assert proc.returncode == 143, err
     gone_by = time.time() + 5
-    while time.time() < gone_by and server.is_running() and server.status() != psutil.STATUS_ZOMBIE:
+    while time.time() < gone_by and not gone(server):
         time.sleep(0.1)
-    assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+    assert gone(server)
     m = manifest(runs, rid)
     assert (m["status"], m["signal"]) == ("interrupted", "SIGTERM")
     assert m["stages"]["inference"]["status"] == "interrupted"

@@ -7,7 +7,7 @@ import blake3
 import pytest
 
 from slp_runner import commands
-from slp_runner.artifacts import BLOB, MODEL, PROMPTS, RESULTS
+from slp_runner.artifacts import BLOB, KINDS, MODEL, PROMPTS, RESULTS
 from slp_runner.errors import ArtifactNotFound, BadJSONL, InputError, IntegrityError, InvalidHash, NotGGUF
 from slp_runner.store import INCOMING, ArtifactStore
 
@@ -111,6 +111,23 @@ def test_find_kind_and_list(store, prompts_file, small_file):
     assert store.find_kind(p.oid) is PROMPTS
     assert store.find_kind(b.oid) is RESULTS
     assert [o["oid"] for o in store.list(PROMPTS)] == [p.oid]
+
+
+def test_find_kind_prefers_an_object_and_falls_back_to_a_lost_objects_manifest(store, tmp_path):
+    # The probes go out at once on a remote backend: the answer is still the first kind
+    # that holds the object, else the first whose manifest says it (an object to repair).
+    data = os.urandom(5000)
+    (tmp_path / "x.bin").write_bytes(data)
+    as_results = store.put(str(tmp_path / "x.bin"), RESULTS)
+    as_blob = store.put(str(tmp_path / "x.bin"), BLOB)
+    assert as_results.oid == as_blob.oid
+    first, second = RESULTS, BLOB  # in the order of KINDS
+    assert list(KINDS.values()).index(first) < list(KINDS.values()).index(second)
+    assert store.find_kind(as_blob.oid) is first
+    store.fs.rm(store.object_path(first, as_blob.oid))
+    assert store.find_kind(as_blob.oid) is second  # an object beats another kind's manifest
+    store.fs.rm(store.object_path(second, as_blob.oid))
+    assert store.find_kind(as_blob.oid) is first  # no object: the first manifest
 
 
 @pytest.mark.parametrize("bad", ["../" + "a" * 61, "A" * 64, "abc"])
