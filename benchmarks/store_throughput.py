@@ -118,12 +118,16 @@ def counting_requests(backend: Backend):
         def before_send(request, event_name, **kwargs):
             counts[event_name.rsplit(".", 1)[-1]] += 1
 
-        events = backend.fs.s3.meta.events
-        events.register("before-send.s3", before_send)
+        from slp_runner.backends.s3_multipart import parts_client
+
+        emitters = [backend.fs.s3.meta.events, parts_client(backend.fs, 4).meta.events]  # s3fs's, the parts'
+        for events in emitters:
+            events.register("before-send.s3", before_send)
         try:
             yield counts
         finally:
-            events.unregister("before-send.s3", before_send)
+            for events in emitters:
+                events.unregister("before-send.s3", before_send)
     else:
         yield counts
 

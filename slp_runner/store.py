@@ -345,13 +345,19 @@ class ArtifactStore:
         metadata = self._inspect(local_path, kind)
         job = _Put(local_path, kind, os.stat(local_path), callback,
                    dict(name=name, source=source, provenance=provenance, tool=tool, metadata=metadata))
-        if self._uploads_ahead(job, how):
+        buffer = self._read_whole(job)
+        if buffer is None and self._uploads_ahead(job, how):
             return self._put_ahead(job, how, sha256, expect_oid)
 
         # A first write may have to connect and make a bucket: done while the file is hashed.
         prepare = _in_background(self.backend.ensure_writable) if self.backend.prepare_write is not None else None
         t0 = time.perf_counter()
-        digest = hash_file(local_path, sha256=sha256)
+        if buffer is not None:
+            hasher = StreamHasher(sha256=sha256)
+            hasher.update(buffer)
+            digest = hasher.digest()
+        else:
+            digest = hash_file(local_path, sha256=sha256)
         hash_seconds = time.perf_counter() - t0
         _check_expected(local_path, digest, expect_oid)
         final = self.object_path(kind, digest.blake3)
@@ -362,11 +368,33 @@ class ArtifactStore:
             if found.sound and (done := self._deduplicate(job, digest, found, hash_seconds)) is not None:
                 return done
             t1 = time.perf_counter()
-            if self.backend.verified_upload is not None and self.verify_upload == "size":
+            if buffer is not None:  # the very bytes hashed, in one all-or-nothing PUT
+                callback.set_size(len(buffer))
+                self.fs.pipe_file(final, buffer)
+                callback.relative_update(len(buffer))
+                verification = "inline-hash"
+            elif self.backend.verified_upload is not None and self.verify_upload == "size":
                 verification = self._write_verified(local_path, final, digest, job.before, callback)
             else:
                 verification = self._write_then_rename(local_path, final, digest, job.before, callback)
             return self._publish_new(job, digest, found, verification, time.perf_counter() - t1, hash_seconds)
+
+    def _read_whole(self, job: _Put) -> bytes | None:
+        """The file's bytes, where it is small enough to be read once, hashed in memory
+        and sent from that same buffer in one all-or-nothing PUT (``atomic_put``): one
+        read and one hash instead of two, and no temporary name to rename. None where
+        not (``Backend.buffered_put_max``), or with ``verify_upload="rehash"``."""
+        if (self.verify_upload != "size" or not self.backend.atomic_put
+                or job.before.st_size > self.backend.buffered_put_max):
+            return None
+        with open(job.local_path, "rb") as f:
+            buffer = f.read(self.backend.buffered_put_max + 1)
+        # What was read is what is hashed and sent; it must also be the file the put
+        # found (its manifest names it), not a mix of two versions.
+        self._check_unchanged(job.local_path, job.before)
+        if len(buffer) != job.before.st_size:
+            raise IntegrityError(f"{job.local_path} changed while it was being stored; nothing was published")
+        return buffer
 
     def _uploads_ahead(self, job: _Put, how: str) -> bool:
         """Whether this put starts its upload before the hash is known (see ``put``).
@@ -468,10 +496,15 @@ class ArtifactStore:
     def _check_existing(self, final: str, digest: FileDigest, how: str) -> tuple[bool, str | None]:
         """``(present, damage)`` for the object at ``final``: damage is None when it is
         sound by the chosen check, else a one-line reason."""
-        try:
-            info = self.fs.info(final)
-        except FileNotFoundError:
-            return False, None
+        if self.backend.file_info is not None:
+            info = self.backend.file_info(final)
+            if info is None:
+                return False, None
+        else:
+            try:
+                info = self.fs.info(final)
+            except FileNotFoundError:
+                return False, None
         if info.get("type") == "directory":  # nothing a put may overwrite or move into
             raise IntegrityError(f"{final} is a directory, not a stored object: remove it, then put again")
         size = int(info["size"])

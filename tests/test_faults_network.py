@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -17,6 +18,7 @@ import pytest
 
 from slp_runner.artifacts import BLOB
 from slp_runner.backends import s3_backend, seaweedfs_backend
+from slp_runner.backends.s3_uploads import uploads_in_progress
 from slp_runner.cache import LocalCache
 from slp_runner.errors import BackendError
 from slp_runner.hashing import hash_file
@@ -203,3 +205,53 @@ def test_filer_put_cut_part_way_leaves_what_was_there(seaweed, filer_proxy, root
     assert filer_proxy.cuts == 1
     assert direct.cat_file(path) == b"the sound old bytes"
     assert direct.ls(root, detail=False) == [path]
+
+
+def _s3_via(proxy, seaweed, root, retries):
+    return ArtifactStore(s3_backend(endpoint_url=proxy.url, bucket="slp-test", root=root, retries=retries,
+                                    backoff=0.05, key=seaweed.access_key, secret=seaweed.secret_key))
+
+
+def test_s3_put_with_its_parts_cut_is_retried_and_verifies(seaweed, root, tmp_path):
+    # A multipart upload (40 MiB: five parts through the parts client's own connections):
+    # every connection dies 3 MiB into an upload until the proxy heals; botocore retries.
+    path = write_blob(tmp_path / "blob.bin", 40 * MiB)
+    with FaultProxy(seaweed.ports.s3) as proxy:
+        proxy.drop_after_up, proxy.reset = 3 * MiB, True
+        via = _s3_via(proxy, seaweed, root, retries=4)
+        via.backend.ensure_writable()
+
+        def heal_after_a_cut():
+            deadline = time.monotonic() + 30
+            while proxy.cuts < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            proxy.heal()
+
+        healer = threading.Thread(target=heal_after_a_cut)
+        healer.start()
+        try:
+            put = via.put(path, BLOB)
+        finally:
+            healer.join()
+        assert put.uploaded and proxy.cuts >= 1
+    direct = ArtifactStore(s3_backend(endpoint_url=seaweed.s3_url, bucket="slp-test", root=root,
+                                      key=seaweed.access_key, secret=seaweed.secret_key))
+    assert direct.verify(BLOB, put.oid).ok
+    assert list(uploads_in_progress(direct.fs, direct.backend.root)) == []
+
+
+def test_s3_put_whose_parts_never_get_through_fails_once_and_shows_nothing(seaweed, root, tmp_path):
+    path = write_blob(tmp_path / "blob.bin", 40 * MiB)
+    oid = hash_file(path).blake3
+    with FaultProxy(seaweed.ports.s3) as proxy:
+        proxy.drop_after_up, proxy.reset = 3 * MiB, True  # small requests pass, no part ever does
+        via = _s3_via(proxy, seaweed, root, retries=1)
+        with pytest.raises(BackendError) as err:
+            via.put(path, BLOB)
+    message = str(err.value)
+    assert "\n" not in message and re.search(r"unreachable at .* after up to 2 attempts over [\d.]+ s \(storing ", message), message
+    direct = ArtifactStore(s3_backend(endpoint_url=seaweed.s3_url, bucket="slp-test", root=root,
+                                      key=seaweed.access_key, secret=seaweed.secret_key))
+    assert not direct.exists(BLOB, oid)
+    assert direct.list(BLOB) == []
+    assert list(uploads_in_progress(direct.fs, direct.backend.root)) == []  # aborted, not left to bill

@@ -17,7 +17,8 @@ from fsspec.callbacks import Callback
 
 from conftest import make_backend
 from slp_runner.artifacts import BLOB
-from slp_runner.backends.s3_multipart import download_ordered
+from slp_runner.backends import FILER_BUFFERED_PUT_MAX
+from slp_runner.backends.s3_multipart import download_ordered, parts_client
 from slp_runner.backends.seaweedfs import upload_verified
 from slp_runner.errors import IntegrityError
 from slp_runner.store import AHEAD_MIN, INCOMING, ArtifactStore
@@ -32,8 +33,10 @@ def counting(backend) -> Counter:
             lambda resp, *a, **k: counts.update([f"{resp.request.method} {resp.status_code}"]))
     else:
         backend.fs.connect()
-        backend.fs.s3.meta.events.register(
-            "before-send.s3", lambda event_name, **k: counts.update([event_name.rsplit(".", 1)[-1]]))
+        # s3fs's client, and the one that sends upload parts
+        for client in (backend.fs.s3, parts_client(backend.fs, 4)):
+            client.meta.events.register(
+                "before-send.s3", lambda event_name, **k: counts.update([event_name.rsplit(".", 1)[-1]]))
     return counts
 
 
@@ -95,6 +98,24 @@ def test_filer_put_of_a_small_file_hashes_first(seaweed, tmp_path):
     assert counts == Counter({"GET 200": 3, "PUT 201": 1}), counts  # nothing of the object sent
 
 
+def test_filer_put_of_a_file_read_whole(seaweed, tmp_path):
+    backend = make_backend("seaweedfs", seaweed, tmp_path)
+    store = ArtifactStore(backend)
+    small = tmp_path / "small.bin"
+    small.write_bytes(os.urandom(FILER_BUFFERED_PUT_MAX))
+    counts = counting(backend)
+
+    put = store.put(str(small), BLOB)
+    # Read and hashed in memory, looked up (404s), that buffer PUT under its hash (no
+    # temporary name, no rename), the manifest PUT.
+    assert put.uploaded and put.verification == "inline-hash"
+    assert counts == Counter({"GET 404": 2, "PUT 201": 2}), counts
+    assert backend.fs.cat_file(put.object_path) == small.read_bytes()
+    counts.clear()
+    assert not store.put(str(small), BLOB).uploaded
+    assert counts == Counter({"GET 200": 3, "PUT 201": 1}), counts
+
+
 def test_s3_put_and_get_requests(seaweed, tmp_path, blob, large_blob, cache):
     backend = make_backend("s3", seaweed, tmp_path)
     store = ArtifactStore(backend)
@@ -102,12 +123,13 @@ def test_s3_put_and_get_requests(seaweed, tmp_path, blob, large_blob, cache):
     counts = counting(backend)
 
     new = store.put(str(blob), BLOB)
-    # Looked up (object: HEAD, and s3fs's listing for a missing key; manifest: GET), one
-    # PUT of the object (hashed and checked before it is sent), the manifest PUT.
-    assert counts == Counter({"HeadObject": 1, "ListObjectsV2": 1, "GetObject": 1, "PutObject": 2}), counts
+    # Looked up (object: one HEAD; manifest: GET), one PUT of the object from the buffer
+    # that was hashed, the manifest PUT.
+    assert new.verification == "inline-hash"
+    assert counts == Counter({"HeadObject": 1, "GetObject": 1, "PutObject": 2}), counts
     counts.clear()
     large = store.put(str(large_blob), BLOB)
-    assert counts == Counter({"HeadObject": 1, "ListObjectsV2": 1, "GetObject": 1, "CreateMultipartUpload": 1,
+    assert counts == Counter({"HeadObject": 1, "GetObject": 1, "CreateMultipartUpload": 1,
                               "UploadPart": 3, "CompleteMultipartUpload": 1, "PutObject": 1}), counts
     counts.clear()
     assert not store.put(str(large_blob), BLOB).uploaded
