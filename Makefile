@@ -107,7 +107,7 @@ seaweed-status: install
 BENCH_SIZES ?= 1,16,256
 BENCH_ITER ?= 5
 BENCH_CLI_SIZE ?= 256
-BENCH_CLI_ITER ?= 3
+BENCH_CLI_ITER ?= 5
 bench: install
 	@command -v b3sum >/dev/null || (apt-get update -qq && apt-get install -y -qq b3sum) || \
 	  { echo "b3sum is needed as the hashing reference (apt-get install b3sum)"; exit 1; }

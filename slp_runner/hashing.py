@@ -44,16 +44,17 @@ class HashingStopped(Exception):
 
 
 def hash_file(path: str | os.PathLike, *, sha256: bool = False,
-              stop: Callable[[], bool] | None = None) -> FileDigest:
+              stop: Callable[[], bool] | None = None, threads: int = blake3.blake3.AUTO) -> FileDigest:
     """Hash a local file in one pass (BLAKE3, and sha256 from the same pages if asked).
 
     The file is mapped a window at a time: blake3's threads get large contiguous
     inputs, while resident memory stays bounded by the window, not the file size
     (a whole-file mapping would count every touched page in RSS). ``stop`` is asked
     between windows; if it says so, HashingStopped is raised (a hash made in a
-    thread of its own whose result is no longer wanted).
+    thread of its own whose result is no longer wanted). ``threads``: blake3's (AUTO:
+    as many as help; 1 beside an upload, whose server wants the other cores).
     """
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher = blake3.blake3(max_threads=threads)
     sha = hashlib.sha256() if sha256 else None
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size

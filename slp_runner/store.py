@@ -134,7 +134,8 @@ class _Lookahead:
         store, job = self._store, self._job
         try:
             t0 = time.perf_counter()
-            digest = hash_file(job.local_path, sha256=self._sha256, stop=self._cancelled.is_set)
+            # One thread: the upload beside it, and the filer it sends to, want the other core.
+            digest = hash_file(job.local_path, sha256=self._sha256, stop=self._cancelled.is_set, threads=1)
             self.hash_seconds = time.perf_counter() - t0
             self.digest = digest
             _check_expected(job.local_path, digest, self._expect)
