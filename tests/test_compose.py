@@ -107,7 +107,31 @@ def test_typed_values_survive_the_round_trip(env):
     assert overrides == ["task=runs", "runner.force=no", "runner.workers=3"]
     path = os.path.join(env["SLP_COMPOSE_CACHE"], "x.json")
     compose.save(path, config, overrides)
-    assert compose.load(path) == (config, overrides)
+    kept, kept_overrides, built, slots = compose.load(path)
+    assert (kept, kept_overrides, slots) == (config, overrides, [])
+    rebuilt = compose._rebuilt(built, slots, [])  # the DictConfig kept beside the JSON
+    assert rebuilt.runner.force is False and rebuilt.runner.workers == 3
+
+
+def test_a_kept_config_takes_the_values_of_each_command_line(env, tmp_path):
+    """One entry serves every hash and path: the values land in the kept DictConfig's
+    placeholders, and a damaged pickle is built from the JSON instead."""
+    for name in ("a-b.bin", "c.bin"):
+        (tmp_path / f"file-{name}").write_bytes(os.urandom(1000))
+        put = slp(env, "task=put", "kind=blob", f"path={tmp_path / f'file-{name}'}", f"name={name}", "format=json")
+        assert put.returncode == 0, put.stderr
+        assert json.loads(put.stdout)["name"] == name
+    assert len(entries(env)) == 1, [open(e).read()[:300] for e in entries(env)]
+    (entry,) = entries(env)
+    doc = json.loads(open(entry).read())
+    assert sorted(path for path, _ in compose._slots(doc["config"])) == [["name"], ["path"]], doc["config"]
+    doc["built"] = "AAAA" + doc["built"][4:]  # a pickle that does not load, under a matching digest
+    doc["digest"] = compose._digest(entry, doc["config"], doc["overrides"], doc["built"])
+    open(entry, "w").write(json.dumps(doc))
+    (tmp_path / "d.bin").write_bytes(os.urandom(1000))
+    put = slp(env, "task=put", "kind=blob", f"path={tmp_path / 'd.bin'}", "name=d", "format=json")
+    assert put.returncode == 0, put.stderr
+    assert json.loads(put.stdout)["name"] == "d"
 
 
 def test_edited_entry_is_composed_again(env, tmp_path):
