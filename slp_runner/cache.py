@@ -264,10 +264,7 @@ class LocalCache:
 
     def _stream_into(self, partial: str, kept: int, store: ArtifactStore, kind: ArtifactKind, oid: str,
                      size: int, callback: Callback):
-        # One thread: the chunks are 1 MiB, and the server sending them wants the other core.
-        # 256 MiB from the filer (2 cores): 506-515 ms, 518-525 with AUTO, curl 552-558;
-        # with a second job running, 699-900 ms against 1.10-1.12 s.
-        hasher = StreamHasher(threads=1)
+        hasher = StreamHasher()
         what = f"{kind.name} {oid}"
         reconnects = 0
 

@@ -710,7 +710,7 @@ class ArtifactStore:
             return None  # rewritten by the caller
 
     def _hash_remote(self, path: str) -> FileDigest:
-        hasher = StreamHasher(threads=1)  # as a download's (cache._stream_into)
+        hasher = StreamHasher()
         self.stream_object(path, hasher.update)
         return hasher.digest()
 
