@@ -146,6 +146,9 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
     """Time ``op`` (see the module's docstring) as processes; return slp's series, the
     reference's, and the metrics only whole processes have (floor, commands, ...)."""
     backend = store.backend
+    # What earlier jobs wrote (weed's volumes: gigabytes, after the S3 puts) goes to disk
+    # first, not while this job's processes write their own files.
+    os.sync()
     passed = passed_overrides(overrides)
     backend_env, extra = backend_settings(backend, passed)
     args = [*extra, *passed]
