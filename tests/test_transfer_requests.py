@@ -50,7 +50,7 @@ def blob(tmp_path):
 @pytest.fixture
 def large_blob(tmp_path):
     path = tmp_path / "large.bin"
-    path.write_bytes(os.urandom(20 * MiB + 5))  # past SINGLE_PUT_MAX: three S3 parts, the last short
+    path.write_bytes(os.urandom(20 * MiB + 5))  # past BUFFERED_PUT_MAX: three S3 parts, the last short
     return path
 
 

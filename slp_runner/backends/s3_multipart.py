@@ -27,7 +27,6 @@ as ``ConnectionError``/``TimeoutError`` so the reader can continue from there.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from itertools import islice
@@ -39,32 +38,17 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from ..hashing import FileDigest, StreamHasher
 
 MIN_PART = 5 * 1024 * 1024  # S3's smallest part but the last
-# Files up to this size go in one PUT. Measured on weed s3 (2 cores): a 16 MiB PUT took
-# 244 ms where 2 x 8 MiB parts took 330 (Create, 2 parts, Complete), boto3 311; at 32 MiB
-# one PUT was faster still, but holds the whole file in memory (multipart: 5 parts).
-SINGLE_PUT_MAX = 16 * 1024 * 1024
 
 
 def upload_verified(fs, local_path: str, path: str, check: Callable[[FileDigest], None], *,
-                    part_size: int = 16 * 1024 * 1024, concurrency: int = 4, single_put_max: int = SINGLE_PUT_MAX,
+                    part_size: int = 16 * 1024 * 1024, concurrency: int = 4,
                     callback: Callback = DEFAULT_CALLBACK, incoming: str | None = None) -> None:
-    """``incoming``: unused, an uncompleted multipart upload is invisible already."""
+    """``incoming``: unused, an uncompleted multipart upload is invisible already.
+    Smaller files never come here: the store sends them from one buffer in one PUT
+    (``Backend.buffered_put_max``). A file emptied meanwhile sends no part, and the
+    check of its hash refuses it before the upload is completed."""
     bucket, key, _ = fs.split_path(path)
     part_size = max(part_size, MIN_PART)
-    single_put_max = max(single_put_max, part_size)
-    with open(local_path, "rb") as src:
-        head = src.read(single_put_max + 1) if os.fstat(src.fileno()).st_size <= single_put_max else None
-    if head is not None and len(head) <= single_put_max:
-        # Small enough for one PUT: hash the very buffer that will be sent, check it,
-        # then send it. Nothing leaves before the check; one request instead of 2 + parts.
-        small = StreamHasher(threads=1)
-        small.update(head)
-        check(small.digest())
-        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=head)
-        callback.relative_update(len(head))
-        fs.invalidate_cache(path)
-        return
-    del head
     client = parts_client(fs, concurrency)
     upload_id = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)["UploadId"]
     sent = StreamHasher(threads=1)
