@@ -19,6 +19,7 @@ otherwise the sent bytes' hash is compared with that one before the rename.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -362,6 +363,8 @@ class ArtifactStore:
         hash_seconds = time.perf_counter() - t0
         _check_expected(local_path, digest, expect_oid)
         final = self.object_path(kind, digest.blake3)
+        if buffer is not None:  # its checksum, say, computed while the hash is looked up
+            sender = _in_background(lambda: self._prepare_put(final, buffer))
         with backend_errors(self.backend, f"storing {final}"):
             found = self._lookup(kind, digest, final, how)
             if prepare is not None:
@@ -371,7 +374,7 @@ class ArtifactStore:
             t1 = time.perf_counter()
             if buffer is not None:  # the very bytes hashed, in one all-or-nothing PUT
                 callback.set_size(len(buffer))
-                self.fs.pipe_file(final, buffer)
+                sender.result()()
                 callback.relative_update(len(buffer))
                 verification = "inline-hash"
             elif self.backend.verified_upload is not None and self.verify_upload == "size":
@@ -396,6 +399,11 @@ class ArtifactStore:
         if len(buffer) != job.before.st_size:
             raise IntegrityError(f"{job.local_path} changed while it was being stored; nothing was published")
         return buffer
+
+    def _prepare_put(self, path: str, data: bytes) -> Callable[[], None]:
+        if self.backend.prepare_put is not None:
+            return self.backend.prepare_put(path, data)
+        return functools.partial(self.fs.pipe_file, path, data)
 
     def _uploads_ahead(self, job: _Put, how: str) -> bool:
         """Whether this put starts its upload before the hash is known (see ``put``).

@@ -10,7 +10,9 @@ connection to ``127.0.0.1:upstream_port``. Faults, settable at any time:
 - ``reset``: cut with a TCP reset (SO_LINGER 0) instead of a clean close;
 - ``delay``: seconds to sleep before forwarding each chunk of ``chunk`` bytes down
   (a slow link: ``chunk / delay`` bytes/s per connection);
-- ``refuse``: close every new connection at once.
+- ``refuse``: close every new connection at once;
+- ``damage_up_at``: flip the bits of the byte at that offset of every connection's
+  bytes to the server (damage on the wire that TCP did not catch), counted in ``damaged``.
 
 It counts connections, cuts, bytes each way, and the ``Range: bytes=N-`` offsets of
 the requests it forwarded (``ranges``), so a test can tell that a download resumed.
@@ -38,6 +40,8 @@ class FaultProxy:
         self.delay = 0.0
         self.chunk = 64 * 1024
         self.refuse = False
+        self.damage_up_at: int | None = None
+        self.damaged = 0
         self.connections = 0
         self.cuts = 0
         self.bytes_down = 0
@@ -61,6 +65,7 @@ class FaultProxy:
         self.drop_after_down = self.drop_after_up = self.drop_first = None
         self.delay = 0.0
         self.refuse = False
+        self.damage_up_at = None
         self._base = self.connections
 
     def close(self) -> None:
@@ -137,6 +142,12 @@ class FaultProxy:
                     return
                 if direction == "up":
                     self.ranges.extend(int(m.group(1)) for m in _RANGE.finditer(data))
+                    at = self.damage_up_at
+                    if at is not None and carried <= at < carried + len(data):
+                        data = bytearray(data)
+                        data[at - carried] ^= 0xFF
+                        with self._lock:
+                            self.damaged += 1
                 dst.sendall(data)
                 carried += len(data)
                 with self._lock:

@@ -255,3 +255,29 @@ def test_s3_put_whose_parts_never_get_through_fails_once_and_shows_nothing(seawe
     assert not direct.exists(BLOB, oid)
     assert direct.list(BLOB) == []
     assert list(uploads_in_progress(direct.fs, direct.backend.root)) == []  # aborted, not left to bill
+
+
+@pytest.mark.parametrize("size", [8 * MiB, 40 * MiB], ids=["one-put", "multipart"])
+def test_s3_put_damaged_on_the_wire_is_refused_and_shows_nothing(seaweed, root, tmp_path, size):
+    # One byte of the body flipped between client and server, past every check of the
+    # client's own: the CRC32 sent with each body (payload unsigned) is what the server
+    # checks, so it refuses the body, and nothing is visible under the hash.
+    path = write_blob(tmp_path / "blob.bin", size)
+    oid = hash_file(path).blake3
+    with FaultProxy(seaweed.ports.s3) as proxy:
+        proxy.damage_up_at = 4 * MiB
+        via = _s3_via(proxy, seaweed, root, retries=1)
+        with pytest.raises(BackendError) as err:
+            via.put(path, BLOB)
+        assert proxy.damaged >= 1
+        message = str(err.value)
+        assert "\n" not in message and "received bytes other than those sent" in message, message
+        direct = ArtifactStore(s3_backend(endpoint_url=seaweed.s3_url, bucket="slp-test", root=root,
+                                          key=seaweed.access_key, secret=seaweed.secret_key))
+        assert not direct.exists(BLOB, oid)
+        assert direct.list(BLOB) == []
+        assert list(uploads_in_progress(direct.fs, direct.backend.root)) == []
+        proxy.heal()  # the same put over a sound link: stored and sound
+        put = via.put(path, BLOB)
+        assert put.uploaded and put.oid == oid
+        assert direct.verify(BLOB, oid).ok

@@ -73,6 +73,9 @@ class Backend:
         memory once, hashed there, and that very buffer is written in one PUT under
         its hash: one read, one hash and one request where a streamed upload takes two
         of each (0: never).
+    prepare_put: ``prepare_put(path, data)`` readies the one PUT of such a buffer (on
+        S3, computes the checksum it is sent with) and returns the call that sends
+        it; the store readies it while it looks the hash up. None: ``fs.pipe_file``.
     file_info: ``file_info(path)`` is ``{"size": ..., "type": "file"}`` of a stored
         file in one request, None if there is none, where ``fs.info`` takes more for a
         missing one (s3fs lists the key as a folder after a HEAD that found nothing).
@@ -93,6 +96,7 @@ class Backend:
     verified_upload: Callable[..., None] | None = None
     prepare_write: Callable[[], None] | None = None
     buffered_put_max: int = 0
+    prepare_put: Callable[[str, bytes], Callable[[], None]] | None = None
     file_info: Callable[[str], dict | None] | None = None
 
     def ensure_writable(self) -> None:
@@ -271,7 +275,7 @@ def s3_backend(
     except ImportError:
         raise ConfigError("backend=s3 needs s3fs: pip install 'slp-runner[s3]'") from None
 
-    from .s3_multipart import download_ordered, head_file, upload_verified
+    from .s3_multipart import download_ordered, head_file, prepare_put, upload_verified
 
     client_kwargs = {"region_name": region}
     if endpoint_url:
@@ -310,6 +314,7 @@ def s3_backend(
                                          concurrency=read_concurrency),
         prepare_write=make_bucket,
         buffered_put_max=BUFFERED_PUT_MAX,
+        prepare_put=functools.partial(prepare_put, fs),
         file_info=functools.partial(head_file, fs),
         atomic_put=True,
         resumes=retries,
