@@ -46,7 +46,8 @@ from .file_watch import FileWatch
 PRELOAD = ("slp_runner.cli", "slp_runner.compose", "slp_runner.tasks", "slp_runner.commands", "slp_runner.store",
            "slp_runner.cache", "slp_runner.backends", "slp_runner.backends.seaweedfs", "slp_runner.app",
            "omegaconf", "fsspec", "requests", "filelock", "blake3", "orjson",
-           "fsspec.implementations.local", "s3fs", "slp_runner.backends.s3_multipart", "hydra", "ctypes")
+           "fsspec.implementations.local", "s3fs", "slp_runner.backends.s3_multipart", "hydra", "ctypes",
+           "slp_runner.refs", "slp_runner.stdout", "difflib")
 IDLE_DEFAULT = 900.0
 CHECK_EVERY = 30.0  # seconds between checks that the socket is still this server's
 SPARE_AFTER = 0.2  # seconds without an event before a new spare worker is forked

@@ -378,6 +378,10 @@ def test_ctrl_z_stops_the_worker_and_sigcont_resumes_it(env, tmp_path):
     (worker,) = wait_for(lambda: workers(server), what="the worker")
     proc.send_signal(signal.SIGTSTP)
     wait_for(lambda: worker.status() == psutil.STATUS_STOPPED, timeout=10, what="the worker to stop")
+    # A shell sends SIGCONT (fg) only once it saw its job stop: the client stops itself
+    # just after the worker, and a SIGCONT before that would leave it stopped for good.
+    client = psutil.Process(proc.pid)
+    wait_for(lambda: client.status() == psutil.STATUS_STOPPED, timeout=10, what="the client to stop")
     proc.send_signal(signal.SIGCONT)
     wait_for(lambda: worker.status() != psutil.STATUS_STOPPED, timeout=10, what="the worker to resume")
     proc.send_signal(signal.SIGTERM)
