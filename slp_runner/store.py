@@ -253,6 +253,10 @@ class ArtifactStore:
         self.fs = backend.fs
         self.verify_upload = verify_upload
         self.verify_existing = verify_existing
+        # Sizes of objects ``find_kind`` just found, for ``size_of`` (a get by hash alone
+        # then asks once, not twice). An object's size is its hash's: a damaged one is
+        # caught by the hash of what is read, whatever size was expected.
+        self._found_sizes: dict[str, int] = {}
 
     # -- addressing ---------------------------------------------------------------
 
@@ -272,25 +276,34 @@ class ArtifactStore:
         validate_oid(oid)
         kinds = list(KINDS.values())
         objects = [self.object_path(kind, oid) for kind in kinds]
+        for kind, path, info in zip(kinds, objects, self._info_all(objects)):
+            if info is not None:
+                if info.get("type") == "file":
+                    self._found_sizes[path] = int(info["size"])
+                return kind
         # The object may be lost while its manifest is not (repair): its kind is the manifest's.
-        for paths in (objects, [self.manifest_path(kind, oid) for kind in kinds]):
-            for kind, there in zip(kinds, self._exist_all(paths)):
-                if there:
-                    return kind
+        for kind, info in zip(kinds, self._info_all([self.manifest_path(kind, oid) for kind in kinds])):
+            if info is not None:
+                return kind
         raise ArtifactNotFound(f"no artifact with hash {oid} in {self.backend.name} backend at {self.backend.location}")
 
-    def _exist_all(self, paths: list[str]) -> list[bool]:
-        """Whether each path exists. On a remote backend the requests go out at once (the
-        latency of one, not of each: a get by hash alone probes every kind's folder);
-        locally a stat is quicker than a thread."""
-        def exists(path: str) -> bool:
+    def _info_all(self, paths: list[str]) -> list[dict | None]:
+        """What is at each path (``fs.info``), None where nothing is. On a remote backend
+        the requests go out at once (the latency of one, not of each: a get by hash alone
+        probes every kind's folder); locally a stat is quicker than a thread."""
+        def info(path: str) -> dict | None:
             with backend_errors(self.backend, f"checking {path}"):
-                return self.fs.exists(path)
+                if self.backend.file_info is not None:
+                    return self.backend.file_info(path)
+                try:
+                    return self.fs.info(path)
+                except FileNotFoundError:
+                    return None
 
         if self.backend.local_paths:
-            return [exists(path) for path in paths]
-        later = [_in_background(lambda path=path: exists(path)) for path in paths[1:]]
-        return [exists(paths[0])] + [answer.result() for answer in later]
+            return [info(path) for path in paths]
+        later = [_in_background(lambda path=path: info(path)) for path in paths[1:]]
+        return [info(paths[0])] + [answer.result() for answer in later]
 
     def require(self, kind: ArtifactKind, oid: str) -> None:
         self.size_of(kind, oid)
@@ -298,6 +311,8 @@ class ArtifactStore:
     def size_of(self, kind: ArtifactKind, oid: str) -> int:
         """The stored object's size in bytes; ArtifactNotFound if it is not there."""
         path = self.object_path(kind, oid)
+        if path in self._found_sizes:
+            return self._found_sizes[path]
         with backend_errors(self.backend, f"checking {path}"):
             try:
                 return int(self.fs.info(path)["size"])

@@ -20,6 +20,7 @@ from slp_runner.artifacts import BLOB
 from slp_runner.backends import FILER_BUFFERED_PUT_MAX
 from slp_runner.backends.s3_multipart import download_ordered, parts_client
 from slp_runner.backends.seaweedfs import upload_verified
+from slp_runner.cache import LocalCache
 from slp_runner.errors import IntegrityError
 from slp_runner.store import AHEAD_MIN, INCOMING, ArtifactStore
 
@@ -199,3 +200,24 @@ def test_weed_s3_honours_if_none_match(seaweed, tmp_path):
     assert err.value.__cause__.response["ResponseMetadata"]["HTTPStatusCode"] == 412
     fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload)
     assert fs.cat_file(f"{bucket}/{key}") == b"first"
+
+
+@pytest.mark.parametrize("name", ["seaweedfs", "s3"])
+def test_get_by_hash_alone_asks_each_kind_once_and_sizes_from_that(seaweed, tmp_path, name):
+    # slp task=get hash=<h>: every kind's folder probed at once (the object's answer gives
+    # its size), then the download; no second request for the size.
+    backend = make_backend(name, seaweed, tmp_path)
+    put = ArtifactStore(backend).put(str(write(tmp_path / "b.bin", 3 * MiB)), BLOB)
+    store = ArtifactStore(backend)  # a new command's
+    counts = counting(backend)
+    kind = store.find_kind(put.oid)
+    LocalCache(str(tmp_path / "cache")).get(store, kind, put.oid)
+    if name == "seaweedfs":
+        assert counts == Counter({"GET 404": 3, "GET 200": 2}), counts  # 4 probes, then the object
+    else:  # 4 HEADs, then one ranged GET (the whole 3 MiB; it says the size too)
+        assert counts == Counter({"HeadObject": 4, "GetObject": 1}), counts
+
+
+def write(path, size: int):
+    path.write_bytes(os.urandom(size))
+    return path
