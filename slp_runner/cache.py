@@ -207,15 +207,19 @@ class LocalCache:
         if not store.backend.local_paths:
             return self._fetch_resumable(store, kind, oid, path, size, callback)
         ensure_room(self.root, size, what)  # again: a corrupt entry may just have been evicted
+        try:
+            source = open(store.object_path(kind, oid), "rb")
+        except FileNotFoundError:
+            raise _removed(store, what) from None
         tmp = None
         try:
-            with local_write(os.path.dirname(path), size, what):
+            with source, local_write(os.path.dirname(path), size, what):
                 tmp = temp_name(os.path.dirname(path), f".{oid[:16]}.")  # named first: always removable
                 fd = create_temp_at(tmp)
                 # Same machine: a copy-on-write clone where the filesystem has them (btrfs,
                 # XFS), else the kernel's copy. Never a hard link: editing the cache entry
                 # would then corrupt the store. The result itself is hashed (mmap + threads).
-                _clone_or_copy(store.object_path(kind, oid), fd)
+                _clone_or_copy(source, fd)
                 got = hash_file(tmp)
                 callback.relative_update(got.size)
             self._publish(tmp, path, got.blake3, oid, size, store, kind)
@@ -301,6 +305,8 @@ class LocalCache:
 
             try:
                 store.stream_object(store.object_path(kind, oid), sink, offset=kept, on_resume=resumed)
+            except FileNotFoundError:
+                raise _removed(store, what) from None
             finally:  # what was written and hashed, on disk before the partial is kept or published
                 with local_write(self.root, size, what):
                     out.flush()
@@ -372,9 +378,16 @@ def _unlink(path: str) -> None:
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
-def _clone_or_copy(src: str, dst_fd: int) -> None:
-    """Fill the open file ``dst_fd`` with ``src``: reflink if possible, else copy; closes dst_fd."""
-    with open(src, "rb") as s, os.fdopen(dst_fd, "wb") as d:
+def _removed(store: ArtifactStore, what: str) -> ArtifactNotFound:
+    """An object found a moment ago (its kind, its size) and gone when read: a gc, a user's rm."""
+    return ArtifactNotFound(f"{what} is no longer in {store.backend.name} backend at {store.backend.location}: "
+                            f"it was removed while it was being fetched")
+
+
+def _clone_or_copy(s, dst_fd: int) -> None:
+    """Fill the open file ``dst_fd`` from the open file ``s``: reflink if possible, else
+    copy; closes dst_fd."""
+    with os.fdopen(dst_fd, "wb") as d:
         try:
             fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
             return

@@ -374,3 +374,22 @@ def test_a_sweep_keeps_each_hash_a_string(env, tmp_path, small_file):
     swept = slp(env, "-m", "task=get", f"hash={FLOATY_HASH},{oid}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     assert f"no artifact with hash {FLOATY_HASH}" in swept.stderr and "'inf'" not in swept.stderr
     assert f"cached blob hash={oid}" in swept.stdout or f"fetched blob hash={oid}" in swept.stdout
+
+
+def test_get_of_an_object_removed_after_it_was_found_says_so_and_keeps_nothing(store, small_file, tmp_path):
+    # A get by hash alone finds the kind (and the size) first; a gc or a user's rm then
+    # takes the object before the download starts. One line naming the hash, no partial.
+    from slp_runner.cache import LocalCache
+    from slp_runner.errors import ArtifactNotFound
+
+    oid = store.put(small_file, BLOB).oid
+    found = ArtifactStore(store.backend)  # a new command's
+    kind = found.find_kind(oid)
+    store.fs.rm(store.object_path(BLOB, oid))
+    cache = LocalCache(str(tmp_path / "cache"))
+    with pytest.raises(ArtifactNotFound) as err:
+        cache.get(found, kind, oid)
+    message = str(err.value)
+    assert "\n" not in message and oid in message and "removed while it was being fetched" in message, message
+    left = [f for f in files_under(tmp_path / "cache") if not f.endswith(".lock")]
+    assert left == [], left
