@@ -13,6 +13,7 @@ Errors a user can cause print one line, ``slp: error: ...``, and exit 1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -323,7 +324,8 @@ def _main() -> None:
             sys.argv[1:] = quote_string_values(argv)
             from .app import hydra_main
 
-            hydra_main()
+            with _masked_output(argv):
+                hydra_main()
     except KeyboardInterrupt as exc:  # a signal while the config is composed
         _exit_interrupted(exc)
     except Exception as exc:
@@ -345,6 +347,32 @@ def _is_config_error(exc: BaseException) -> bool:
     omegaconf_errors = sys.modules.get("omegaconf.errors")
     return bool((hydra_errors and isinstance(exc, hydra_errors.HydraException))
                 or (omegaconf_errors and isinstance(exc, omegaconf_errors.OmegaConfBaseException)))
+
+
+# Hydra's flags that print the composed config (credentials included) or its overrides.
+_PRINTS_CONFIG = ("--cfg", "-c", "--info", "-i")
+
+
+@contextlib.contextmanager
+def _masked_output(argv: list[str]):
+    """Standard output and error masked line by line while Hydra prints a config
+    (``--cfg``, ``--info``): a secret given on the command line, in the environment or
+    under a secret-looking key shows as ``***``, as in a run's files."""
+    if not any(arg in _PRINTS_CONFIG or arg.startswith(("--cfg=", "--info=")) for arg in argv):
+        yield
+        return
+    from .redaction import MaskingStream, Redactor, mask_override, url_passwords
+
+    given = [arg.partition("=")[2].strip("'\"") for arg in argv if mask_override(arg) != arg]
+    redactor = Redactor(extra=[value for value in given if value] + url_passwords(argv))
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = MaskingStream(sys.stdout, redactor), MaskingStream(sys.stderr, redactor)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 def _mask_argv_secrets(message: str, argv: list[str]) -> str:

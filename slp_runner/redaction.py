@@ -247,3 +247,45 @@ def _scrub_file(path: str, pattern: re.Pattern[bytes], overlap: int) -> bool:
         os.unlink(tmp)
         raise
     return True
+
+
+# ``  secret: value`` / ``- key: value`` in a YAML dump of a config (what Hydra's --cfg
+# and --info print), and ``name=value`` overrides inside a line.
+_YAML_ITEM_RE = re.compile(r"^(?P<lead>\s*(?:-\s+)?)(?P<key>[^\s:#][^:]*?):(?P<sep>\s+)(?P<value>\S.*)$")
+_OVERRIDE_IN_LINE_RE = re.compile(r"[~+]{0,2}[\w.@/-]+=[^\s,\]'\"]+")
+
+
+def mask_config_line(line: str, redactor: Redactor) -> str:
+    """One line of printed config with every secret masked: by value (``redactor``), a
+    URL's password, a YAML item under a secret-looking key, and a secret-looking
+    override in it."""
+    line = _OVERRIDE_IN_LINE_RE.sub(lambda m: mask_override(m.group(0)), strip_url_password(redactor.text(line)))
+    m = _YAML_ITEM_RE.match(line)
+    if m and is_secret_name(m.group("key").strip("'\"")) and m.group("value") not in ("null", "''", '""', "'***'"):
+        line = f"{m.group('lead')}{m.group('key')}:{m.group('sep')}'{REDACTED}'"
+    return line
+
+
+class MaskingStream:
+    """A text stream that masks secrets line by line (:func:`mask_config_line`) before
+    they reach ``inner``: what Hydra prints for ``--cfg`` and ``--info`` is the composed
+    config itself, credentials included."""
+
+    def __init__(self, inner, redactor: Redactor):
+        self._inner, self._redactor, self._pending = inner, redactor, ""
+
+    def write(self, s: str) -> int:
+        self._pending += s
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self._inner.write(mask_config_line(line, self._redactor) + "\n")
+        return len(s)
+
+    def flush(self) -> None:
+        if self._pending:
+            self._inner.write(mask_config_line(self._pending, self._redactor))
+            self._pending = ""
+        self._inner.flush()
+
+    def __getattr__(self, name: str):  # encoding, isatty, fileno, ...
+        return getattr(self._inner, name)

@@ -314,3 +314,26 @@ def test_a_url_password_never_reaches_an_error_line(env):
     assert bad.returncode == 2
     for proc in (unreachable, bad):
         assert password not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("server", ["on", "off"])
+@pytest.mark.parametrize("flags", [["--cfg", "job"], ["--cfg", "job", "--resolve"], ["--cfg", "hydra"], ["--info"]],
+                         ids=["cfg-job", "cfg-job-resolve", "cfg-hydra", "info"])
+def test_printing_the_config_masks_credentials(env, tmp_path, flags, server):
+    # Hydra's flags print the composed config itself: a secret given on the command line
+    # (long or short), in the environment, or as a password in a URL shows as ***.
+    long_secret, short_secret, env_secret = f"Cmd{secrets.token_hex(8)}", "s3cr", f"Env{secrets.token_hex(8)}"
+    run_env = {**env, "SLP_SERVER": server, "AWS_SECRET_ACCESS_KEY": env_secret,
+               "SLP_SERVER_DIR": str(tmp_path / "srv")}
+    for secret_arg in (f"backend.secret={long_secret}", f"backend.secret={short_secret}"):
+        got = subprocess.run([SLP, "task=ls", "backend=s3", secret_arg, "backend.key=AKIAEXAMPLEKEY1",
+                              "backend.endpoint_url=http://user:UrlPass123@127.0.0.1:8333", *flags],
+                             env=run_env, capture_output=True, text=True, timeout=120)
+        out = got.stdout + got.stderr
+        assert got.returncode == 0, out
+        for secret in (long_secret, env_secret, "UrlPass123", "AKIAEXAMPLEKEY1", f"secret={short_secret}",
+                       f"secret: {short_secret}"):
+            assert secret not in out, (secret, out)
+        assert "***" in out
+        if flags[:2] == ["--cfg", "job"]:
+            assert "secret: '***'" in out and "key: '***'" in out, out
