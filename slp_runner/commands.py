@@ -60,7 +60,10 @@ def put(
     """Store ``path``; with a ``name``, also point ``name:tag`` at it (see :mod:`.refs`).
     The last line says what happened, machine-readably."""
     say: Callable[[str], None] = lambda line: print(line, file=out, flush=True)
-    size = os.path.getsize(path) if os.path.isfile(path) else None
+    from .store import check_local_file  # loaded with the store already
+
+    check_local_file(os.fspath(path))  # before a line says it is being uploaded
+    size = os.path.getsize(path)
     say(f"Uploading {kind.name}: {os.path.basename(path)}")
     if size is not None:
         say(f"Size: {size / MiB:.1f} MiB ({size} bytes)")

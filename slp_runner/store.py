@@ -171,6 +171,14 @@ class _Lookahead:
         return f"storing {self._store.object_path(self._job.kind, digest.blake3) if digest else self._job.local_path}"
 
 
+def check_local_file(local_path: str) -> None:
+    """InputError unless ``local_path`` is a regular file (what a put can store)."""
+    if not os.path.exists(local_path):
+        raise InputError(f"{local_path}: no such file")
+    if not os.path.isfile(local_path):
+        raise InputError(f"{local_path}: not a regular file")
+
+
 def _check_expected(local_path: str, digest: FileDigest, expect_oid: str | None) -> None:
     if expect_oid is not None and digest.blake3 != expect_oid:
         raise InputError(f"{local_path} hashes to {digest.blake3}, not {expect_oid}: it cannot stand for that object")
@@ -223,6 +231,10 @@ def backend_errors(backend: Backend, what: str | Callable[[], str]) -> Iterator[
     except (ConnectionError, TimeoutError) as exc:
         how = "timed out" if isinstance(exc, TimeoutError) else "unreachable"
         raise BackendError(f"{backend.name} backend {how} at {backend.location}{tried(exc)} ({_said(what)})") from exc
+    except PermissionError as exc:  # S3's 403 (a HEAD's says only "Forbidden"), a filer's 401/403
+        msg = str(exc).splitlines()[0] if str(exc) else "access denied"
+        raise BackendError(f"{backend.name} backend at {backend.location} refused access ({_said(what)}): {msg}; "
+                           f"check the credentials it is given") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "connect" in msg.lower() or "endpoint" in msg.lower():
@@ -276,23 +288,25 @@ class ArtifactStore:
         validate_oid(oid)
         kinds = list(KINDS.values())
         objects = [self.object_path(kind, oid) for kind in kinds]
-        for kind, path, info in zip(kinds, objects, self._info_all(objects)):
+        for kind, path, info in zip(kinds, objects, self._info_all(objects, f"looking up hash {oid}")):
             if info is not None:
                 if info.get("type") == "file":
                     self._found_sizes[path] = int(info["size"])
                 return kind
         # The object may be lost while its manifest is not (repair): its kind is the manifest's.
-        for kind, info in zip(kinds, self._info_all([self.manifest_path(kind, oid) for kind in kinds])):
+        for kind, info in zip(kinds, self._info_all([self.manifest_path(kind, oid) for kind in kinds],
+                                                    f"looking up hash {oid}")):
             if info is not None:
                 return kind
         raise ArtifactNotFound(f"no artifact with hash {oid} in {self.backend.name} backend at {self.backend.location}")
 
-    def _info_all(self, paths: list[str]) -> list[dict | None]:
+    def _info_all(self, paths: list[str], what: str) -> list[dict | None]:
         """What is at each path (``fs.info``), None where nothing is. On a remote backend
         the requests go out at once (the latency of one, not of each: a get by hash alone
-        probes every kind's folder); locally a stat is quicker than a thread."""
+        probes every kind's folder); locally a stat is quicker than a thread. ``what``:
+        what an error says was being done."""
         def info(path: str) -> dict | None:
-            with backend_errors(self.backend, f"checking {path}"):
+            with backend_errors(self.backend, what):
                 if self.backend.file_info is not None:
                     return self.backend.file_info(path)
                 try:
@@ -352,10 +366,7 @@ class ArtifactStore:
         hash of what was sent matches. Elsewhere the file is hashed first.
         """
         local_path = os.fspath(local_path)
-        if not os.path.exists(local_path):
-            raise InputError(f"{local_path}: no such file")
-        if not os.path.isfile(local_path):
-            raise InputError(f"{local_path}: not a regular file")
+        check_local_file(local_path)
         how = verify_existing or self.verify_existing
         if how not in EXISTING_CHECKS:  # the constructor checked the default; this is a per-call choice
             raise ConfigError(f"unknown verify_existing {how!r} (choose from {', '.join(EXISTING_CHECKS)})")

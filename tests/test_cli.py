@@ -60,10 +60,19 @@ def test_s3_credentials_never_printed(env, seaweed, small_file):
     backend = ["backend=s3", f"backend.endpoint_url={seaweed.s3_url}", "backend.bucket=cli-test"]
     ok = slp(env, "task=put", "kind=blob", f"path={small_file}", *backend)
     assert ok.returncode == 0, ok.stderr
+    oid = hash_of(ok.stdout)
     env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret-do-not-print"
     bad = slp(env, "task=put", "kind=blob", f"path={small_file}", *backend)
     assert bad.returncode != 0
-    for text in (ok.stdout, ok.stderr, bad.stdout, bad.stderr):
+    # A get by hash alone probes every kind: the refusal names the hash and the credentials.
+    bad_get = slp(env, "task=get", f"hash={oid}", *backend)
+    assert bad_get.returncode != 0
+    for failed in (bad, bad_get):
+        line = failed.stderr.strip()
+        assert "\n" not in line and line.startswith("slp: error: s3 backend at ") and "refused access" in line, line
+        assert "check the credentials it is given" in line, line
+    assert f"looking up hash {oid}" in bad_get.stderr, bad_get.stderr
+    for text in (ok.stdout, ok.stderr, bad.stdout, bad.stderr, bad_get.stdout, bad_get.stderr):
         assert seaweed.secret_key not in text and "wrong-secret-do-not-print" not in text
 
 
@@ -72,6 +81,7 @@ BAD_INPUTS = [
     (["task=get_model", "hash=" + "A" * 64], "no model with hash " + "a" * 64),  # hex in capitals: the same hash
     (["task=get_model", "hash=abc"], "no artifact named abc (a hash prefix needs at least 8 hex digits)"),
     (["task=put_model", "model.path=/nonexistent/model.gguf"], "/nonexistent/model.gguf: no such file"),
+    (["task=put", "kind=blob", "path=/nonexistent/blob.bin"], "/nonexistent/blob.bin: no such file"),
     (["task=put_model", "model.path={notgguf}"], "fake.gguf: not a GGUF file"),
     (["task=put_prompts", "prompts.path={broken}"], r"broken.jsonl:3: invalid JSON"),
     (["task=get_model", "hash=" + "0" * 64], "no model with hash 0000"),
@@ -103,3 +113,5 @@ def test_bad_input_one_line_nonzero_nothing_written(env, tmp_path, args, message
     assert lines[0].startswith("slp: error: ")
     assert message in lines[0]
     assert files_under(tmp_path) == before  # nothing in store, cache or next to the inputs
+    if "no such file" in message:  # refused before a line says it is being uploaded
+        assert proc.stdout == "", proc.stdout
