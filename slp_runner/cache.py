@@ -77,8 +77,15 @@ class CacheGet:
     reconnects: int = 0  # times this download continued after a dropped connection
 
     @property
+    def fetched(self) -> int:
+        """Bytes this get brought over (not those an earlier get kept)."""
+        return 0 if self.cache_hit else self.size - self.resumed_from
+
+    @property
     def mib_per_s(self) -> float:
-        return self.size / (1024 * 1024) / self.seconds if self.seconds > 0 else 0.0
+        """The rate of what this get did: a hit's bytes, or the bytes it fetched."""
+        done = self.size if self.cache_hit else self.fetched
+        return done / (1024 * 1024) / self.seconds if self.seconds > 0 else 0.0
 
 
 class LocalCache:

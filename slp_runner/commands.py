@@ -163,7 +163,7 @@ def get(
     if got.cache_hit:
         say(f"Local cache hit: {got.path} ({got.seconds * 1000:.1f} ms, validated by {got.validation})")
     else:
-        say(f"Downloaded {got.size / MiB:.1f} MiB in {got.seconds:.2f} s ({got.mib_per_s:.1f} MiB/s)")
+        say(f"Downloaded {got.fetched / MiB:.1f} MiB in {got.seconds:.2f} s ({got.mib_per_s:.1f} MiB/s)")
         say("Hash verified: OK (BLAKE3)")
     path = got.path
     if dest:

@@ -128,6 +128,8 @@ def test_get_killed_part_way_resumes_from_its_partial(seaweed, filer_proxy, root
     resumed = int(re.search(r"Resumed from (\d+) bytes", again.stdout).group(1))
     assert resumed == kept
     assert filer_proxy.bytes_down - before < put.size - kept + MiB  # only the rest came over the wire
+    said = float(re.search(r"Downloaded ([\d.]+) MiB", again.stdout).group(1))  # what it fetched, not the whole
+    assert abs(said - (put.size - kept) / MiB) < 0.1, again.stdout
     assert hash_file(LocalCache(str(cache_dir)).path_for(BLOB, put.oid)).blake3 == put.oid
     assert leftovers(cache_dir) == []
 
