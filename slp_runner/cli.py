@@ -361,10 +361,9 @@ def _masked_output(argv: list[str]):
     if not any(arg in _PRINTS_CONFIG or arg.startswith(("--cfg=", "--info=")) for arg in argv):
         yield
         return
-    from .redaction import MaskingStream, Redactor, mask_override, url_passwords
+    from .redaction import MaskingStream, Redactor, url_passwords
 
-    given = [arg.partition("=")[2].strip("'\"") for arg in argv if mask_override(arg) != arg]
-    redactor = Redactor(extra=[value for value in given if value] + url_passwords(argv))
+    redactor = Redactor(extra=[value for _, value in _argv_secrets(argv) if value] + url_passwords(argv))
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = MaskingStream(sys.stdout, redactor), MaskingStream(sys.stderr, redactor)
     try:
@@ -375,17 +374,22 @@ def _masked_output(argv: list[str]):
         sys.stdout, sys.stderr = saved
 
 
+def _argv_secrets(argv: list[str]) -> list[tuple[str, str]]:
+    """``(argument, value)`` of each override that gives a secret-named key a value
+    (quotes stripped: the value may be empty)."""
+    from .redaction import mask_override
+
+    return [(arg, arg.partition("=")[2].strip("'\"")) for arg in argv if mask_override(arg) != arg]
+
+
 def _mask_argv_secrets(message: str, argv: list[str]) -> str:
     """An error about the command line may quote it: mask what a secret-named key was given."""
     from .redaction import Redactor, mask_override, strip_url_password
 
-    for arg in argv:
-        masked = mask_override(arg)
-        if masked != arg:
-            message = message.replace(arg, masked)
-            value = arg.partition("=")[2].strip("'\"")
-            if value:
-                message = message.replace(value, "***")
+    for arg, value in _argv_secrets(argv):
+        message = message.replace(arg, mask_override(arg))
+        if value:
+            message = message.replace(value, "***")
     return Redactor().text(strip_url_password(message))
 
 

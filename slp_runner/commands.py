@@ -65,8 +65,7 @@ def put(
     check_local_file(os.fspath(path))  # before a line says it is being uploaded
     size = os.path.getsize(path)
     say(f"Uploading {kind.name}: {os.path.basename(path)}")
-    if size is not None:
-        say(f"Size: {size / MiB:.1f} MiB ({size} bytes)")
+    say(f"Size: {size / MiB:.1f} MiB ({size} bytes)")
     from fsspec.callbacks import DEFAULT_CALLBACK  # loaded with the store already
 
     cb = progress_callback(progress, size, f"put {kind.name}")

@@ -265,9 +265,10 @@ class ArtifactStore:
         self.fs = backend.fs
         self.verify_upload = verify_upload
         self.verify_existing = verify_existing
-        # Sizes of objects ``find_kind`` just found, for ``size_of`` (a get by hash alone
-        # then asks once, not twice). An object's size is its hash's: a damaged one is
-        # caught by the hash of what is read, whatever size was expected.
+        # Sizes of objects ``find_kind`` just found, for the next ``size_of`` of each (a
+        # get by hash alone then asks once, not twice); used once, so a later check asks
+        # the backend again. An object's size is its hash's: a damaged one is caught by
+        # the hash of what is read, whatever size was expected.
         self._found_sizes: dict[str, int] = {}
 
     # -- addressing ---------------------------------------------------------------
@@ -325,8 +326,8 @@ class ArtifactStore:
     def size_of(self, kind: ArtifactKind, oid: str) -> int:
         """The stored object's size in bytes; ArtifactNotFound if it is not there."""
         path = self.object_path(kind, oid)
-        if path in self._found_sizes:
-            return self._found_sizes[path]
+        if (found := self._found_sizes.pop(path, None)) is not None:
+            return found
         with backend_errors(self.backend, f"checking {path}"):
             try:
                 return int(self.fs.info(path)["size"])
