@@ -47,7 +47,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import orjson
 
@@ -151,17 +151,32 @@ class LocalCache:
             if st is not None and self._read_record(path) == _stat_key(st):
                 cache_lru.touch(path)
                 return CacheGet(path, oid, st.st_size, True, "stat", time.perf_counter() - t0)
-        size = None
+        size = opened = None
         if not os.path.exists(path):
-            # Before anything is created here: a hash nobody has, or one this disk cannot hold.
-            size = store.size_of(kind, oid)
+            # Before anything is created here: a hash nobody has, or one this disk cannot
+            # hold. Where the backend can, the download's own first request says so (no
+            # request for the size alone); it is read from once the entry is locked. Not
+            # when an earlier get left a partial: the bytes from 0 would come in for nothing.
+            if not _has_bytes(self.partial_path(kind, oid)):
+                opened = store.open_object(kind, oid)
+            size = opened.size if opened is not None else store.size_of(kind, oid)
+        try:
+            return self._get_missing(store, kind, oid, path, size, opened, full_verify, callback, name, t0)
+        finally:
+            if opened is not None:  # not read from (fetched meanwhile by another get, a full disk)
+                opened.close()
+
+    def _get_missing(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int | None,
+                     opened, full_verify: bool, callback: Callback | None, name: str | None, t0: float) -> CacheGet:
+        if size is not None:
             self._check_cap(kind, oid, size)
             ensure_room(self.root, size, f"{kind.name} {oid}")
         with local_write(self.root, size, f"{kind.name} {oid}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        from filelock import FileLock  # the hit above takes no lock
-
-        with FileLock(path + ".lock"):
+        waited = []
+        with _entry_lock(path, waited.append):
+            if waited:  # another get held it, a while maybe: the answer opened before may be stale
+                opened = None  # (get closes it)
             repaired = False
             if os.path.exists(path):
                 how = self._validate(path, oid, full_verify)
@@ -176,7 +191,7 @@ class LocalCache:
             self._check_cap(kind, oid, size)
             if self.max_size is not None:  # room first, so the cap holds during the download too
                 cache_lru.prune(self.root, self.max_size - size, runs_dir=self.runs_dir, keep_runs=self.keep_runs)
-            got = self._download(store, kind, oid, path, size, callback)
+            got = self._download(store, kind, oid, path, size, callback, opened)
             self._holds.hold(path)
             if name:
                 self._write_record(path, os.stat(path), name=name)
@@ -206,18 +221,20 @@ class LocalCache:
         return "rehash"
 
     def _download(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int,
-                  callback: Callback | None) -> _Fetched:
+                  callback: Callback | None, opened=None) -> _Fetched:
         from fsspec.callbacks import DEFAULT_CALLBACK
 
         callback = callback or DEFAULT_CALLBACK
         what = f"{kind.name} {oid}"
         if not store.backend.local_paths:
-            return self._fetch_resumable(store, kind, oid, path, size, callback)
+            return self._fetch_resumable(store, kind, oid, path, size, callback, opened)
         ensure_room(self.root, size, what)  # again: a corrupt entry may just have been evicted
         try:
             source = open(store.object_path(kind, oid), "rb")
         except FileNotFoundError:
-            raise _removed(store, what) from None
+            from .store import removed_while_fetched  # imported already, by whoever made the store
+
+            raise removed_while_fetched(store.backend, what) from None
         tmp = None
         try:
             with source, local_write(os.path.dirname(path), size, what):
@@ -238,15 +255,17 @@ class LocalCache:
             raise
 
     def _fetch_resumable(self, store: ArtifactStore, kind: ArtifactKind, oid: str, path: str, size: int,
-                         callback: Callback) -> _Fetched:
-        """Download into the kept partial, continuing from what an earlier get left."""
+                         callback: Callback, opened=None) -> _Fetched:
+        """Download into the kept partial, continuing from what an earlier get left.
+        ``opened``: the read :meth:`get` started from byte 0, used if nothing is kept."""
         partial = self.partial_path(kind, oid)
         what = f"{kind.name} {oid}"
         while True:
             kept = _kept_bytes(partial, size)
+            start, opened = (opened if not kept else None), None  # from byte 0 only (get closes it)
             ensure_room(self.root, size - kept, what)  # again: a corrupt entry may just have been evicted
             try:
-                got, reconnects = self._stream_into(partial, kept, store, kind, oid, size, callback)
+                got, reconnects = self._stream_into(partial, kept, store, kind, oid, size, callback, start)
                 self._publish(partial, path, got.blake3, oid, size, store, kind)
                 return _Fetched(got.size, kept, reconnects)
             except IntegrityError:
@@ -274,7 +293,7 @@ class LocalCache:
             self._write_record(path, os.stat(path))
 
     def _stream_into(self, partial: str, kept: int, store: ArtifactStore, kind: ArtifactKind, oid: str,
-                     size: int, callback: Callback):
+                     size: int, callback: Callback, opened=None):
         hasher = StreamHasher()
         what = f"{kind.name} {oid}"
         reconnects = 0
@@ -311,9 +330,12 @@ class LocalCache:
                 callback.relative_update(len(chunk))
 
             try:
-                store.stream_object(store.object_path(kind, oid), sink, offset=kept, on_resume=resumed)
+                store.stream_object(store.object_path(kind, oid), sink, offset=kept, on_resume=resumed,
+                                    opened=opened)
             except FileNotFoundError:
-                raise _removed(store, what) from None
+                from .store import removed_while_fetched
+
+                raise removed_while_fetched(store.backend, what) from None
             finally:  # what was written and hashed, on disk before the partial is kept or published
                 with local_write(self.root, size, what):
                     out.flush()
@@ -368,6 +390,13 @@ def _kept_bytes(partial: str, size: int) -> int:
     return kept
 
 
+def _has_bytes(path: str) -> bool:
+    try:
+        return os.stat(path).st_size > 0
+    except OSError:
+        return False
+
+
 def _hash_prefix(fd: int, length: int, hasher: StreamHasher) -> None:
     """Feed the first ``length`` bytes of ``fd`` to ``hasher``, a window at a time (mmap:
     blake3's threads get large inputs, memory stays bounded)."""
@@ -385,10 +414,22 @@ def _unlink(path: str) -> None:
 FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
-def _removed(store: ArtifactStore, what: str) -> ArtifactNotFound:
-    """An object found a moment ago (its kind, its size) and gone when read: a gc, a user's rm."""
-    return ArtifactNotFound(f"{what} is no longer in {store.backend.name} backend at {store.backend.location}: "
-                            f"it was removed while it was being fetched")
+@contextlib.contextmanager
+def _entry_lock(path: str, on_wait) -> Iterator[None]:
+    """Hold the entry's lock (see the top); ``on_wait(True)`` is called first if another
+    get holds it."""
+    from filelock import FileLock, Timeout  # a hit takes no lock
+
+    lock = FileLock(path + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        on_wait(True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _clone_or_copy(s, dst_fd: int) -> None:

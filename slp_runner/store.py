@@ -34,7 +34,7 @@ from . import manifest as manifests
 from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
 from .backends import Backend
 from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
-from .hashing import FileDigest, StreamHasher, hash_file, validate_oid
+from .hashing import STREAM_CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
 from .redaction import mask_names
 
@@ -245,6 +245,32 @@ def backend_errors(backend: Backend, what: str | Callable[[], str]) -> Iterator[
 
 def _said(what: str | Callable[[], str]) -> str:
     return what() if callable(what) else what
+
+
+def removed_while_fetched(backend: Backend, what: str) -> ArtifactNotFound:
+    """An object found a moment ago (its kind, its size) and gone when read: a gc, a user's rm."""
+    return ArtifactNotFound(f"{what} is no longer in {backend.name} backend at {backend.location}: "
+                            f"it was removed while it was being fetched")
+
+
+class _FileRead:
+    """A read through ``fs.open`` from byte ``offset``, where the backend has no reader
+    of its own (``Backend.open_reader``): what ``stream_object`` streams from."""
+
+    def __init__(self, fs: Any, path: str, offset: int):
+        self._f = fs.open(path, "rb")
+        if offset:
+            self._f.seek(offset)
+
+    def stream(self, sink: Callable[[bytes], None]) -> None:
+        while chunk := self._f.read(STREAM_CHUNK):
+            sink(chunk)
+
+    def __enter__(self) -> _FileRead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
 
 
 class ArtifactStore:
@@ -666,11 +692,34 @@ class ArtifactStore:
 
     # -- reading ------------------------------------------------------------------
 
+    def open_object(self, kind: ArtifactKind, oid: str) -> Any | None:
+        """Start reading the stored object ``oid`` from its first byte, through the
+        backend's reader (``Backend.open_reader``): once this returns, its ``size`` is
+        known with no request for the size alone, and :meth:`stream_object` can go on
+        with it (``opened=``); close it if it is not streamed. ArtifactNotFound if it
+        is not there. None where the backend has no such reader (the local one, whose
+        ``size_of`` is a stat)."""
+        if self.backend.open_reader is None:
+            return None
+        path = self.object_path(kind, oid)
+        seen = self._found_sizes.pop(path, None)  # find_kind saw it, a moment ago
+        with backend_errors(self.backend, f"reading {path}"):
+            try:
+                return self.backend.open_reader(path, 0)
+            except FileNotFoundError:
+                if seen is not None:
+                    raise removed_while_fetched(self.backend, f"{kind.name} {oid}") from None
+                raise ArtifactNotFound(
+                    f"no {kind.name} with hash {oid} in {self.backend.name} backend at {self.backend.location}"
+                ) from None
+
     def stream_object(self, path: str, sink: Callable[[bytes], None], offset: int = 0,
-                      on_resume: Callable[[int], None] | None = None) -> int:
+                      on_resume: Callable[[int], None] | None = None, opened: Any | None = None) -> int:
         """Hand the bytes of a stored object from byte ``offset`` to ``sink`` in order,
         the fastest way this backend allows (concurrent ranged reads on S3, one
-        streamed GET on the filer); return how many bytes were handed on.
+        streamed GET on the filer); return how many bytes were handed on. ``opened``:
+        a read of ``path`` from ``offset`` started already (:meth:`open_object`), used
+        for the first attempt.
 
         A read cut part-way (the backend raises ConnectionError or TimeoutError after
         its own retries) continues from the next byte with a ranged read, at most
@@ -690,7 +739,10 @@ class ArtifactStore:
             while True:
                 before = delivered
                 try:
-                    self._stream_from(path, counted, offset + delivered)
+                    read = opened if opened is not None else self._open_read(path, offset + delivered)
+                    opened = None
+                    with read:
+                        read.stream(counted)
                     return delivered
                 except (ConnectionError, TimeoutError) as exc:
                     if delivered == before or resumes >= self.backend.resumes:
@@ -706,15 +758,10 @@ class ArtifactStore:
                 if resumes > 1:  # as urllib3 does: the first at once, a cut is rarely a dead server
                     time.sleep(self.backend.resume_backoff * 2 ** (resumes - 1))
 
-    def _stream_from(self, path: str, sink: Callable[[bytes], None], offset: int) -> None:
-        if self.backend.ordered_reader is not None:
-            self.backend.ordered_reader(path, sink, offset=offset)
-            return
-        with self.fs.open(path, "rb", **self.backend.read_options) as f:
-            if offset:
-                f.seek(offset)
-            while chunk := f.read(self.backend.read_chunk):
-                sink(chunk)
+    def _open_read(self, path: str, offset: int):
+        if self.backend.open_reader is not None:
+            return self.backend.open_reader(path, offset)
+        return _FileRead(self.fs, path, offset)
 
     def read_manifest(self, kind: ArtifactKind, oid: str) -> dict[str, Any]:
         found = self._read_manifest_or_none(kind, oid)

@@ -150,10 +150,10 @@ class SeaweedCluster:
 
 
 def default_signals() -> None:
-    """For a child's preexec_fn: SIGINT and SIGTERM back to their defaults (a test run
-    in the background may have inherited them ignored)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """For a child's preexec_fn: SIGINT, SIGTERM and SIGHUP back to their defaults (a
+    test run in the background may have inherited them ignored; slp must see them)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _wait(ready, timeout: float, what: str) -> None:

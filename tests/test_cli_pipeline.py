@@ -9,6 +9,7 @@ import orjson
 
 from test_cli import SLP, slp
 from conftest import EXAMPLE_PROMPTS, TEST_CONF
+from seaweed_cluster import default_signals
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_cycle_is_one_line_and_no_run(env, tmp_path):
 def test_ctrl_c_marks_the_run_interrupted(env, tmp_path):
     proc = subprocess.Popen([SLP, f"hydra.searchpath=[file://{TEST_CONF}]", "pipeline=slow",
                              f"runner.runs_dir={tmp_path / 'runs'}"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.time() + 30
     while time.time() < deadline and not os.path.isdir(tmp_path / "runs" / ".staging"):
         time.sleep(0.1)

@@ -25,6 +25,7 @@ from slp_runner.hashing import hash_file
 from slp_runner.store import INCOMING, ArtifactStore
 
 from faultproxy import FaultProxy
+from seaweed_cluster import default_signals
 
 MiB = 1024 * 1024
 SLP = os.path.join(os.path.dirname(sys.executable), "slp")
@@ -100,10 +101,6 @@ def test_get_killed_part_way_resumes_from_its_partial(seaweed, filer_proxy, root
     env = dict(os.environ, SLP_CACHE_DIR=str(cache_dir))
     args = [SLP, "task=get", f"hash={put.oid}", "backend=seaweedfs", f"backend.filer_url={filer_proxy.url}",
             f"backend.root={root}", "progress=false"]
-
-    def default_signals():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     filer_proxy.delay, filer_proxy.chunk = 0.01, 64 * 1024  # about 6 MiB/s
     child = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

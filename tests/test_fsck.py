@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from conftest import make_backend
+from seaweed_cluster import default_signals
 from slp_runner.artifacts import BLOB
 from slp_runner.store import INCOMING, ArtifactStore
 from test_cli import SLP, hash_of
@@ -25,11 +26,6 @@ def env(tmp_path):
 
 def slp(env, *args):
     return subprocess.run([SLP, *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def default_signals():
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_DFL)
 
 
 def big_file(path, mib):

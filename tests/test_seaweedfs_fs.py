@@ -122,3 +122,51 @@ def test_unreachable_filer_names_the_url():
     fs = SeaweedFSFileSystem(filer_url="http://127.0.0.1:9", timeout=2, skip_instance_cache=True)
     with pytest.raises(ConnectionError, match=r"unreachable at http://127\.0\.0\.1:9"):
         fs.info("x")
+
+
+def test_a_streamed_read_knows_the_size_from_its_first_answer(weedfs, base):
+    from slp_runner.backends.seaweedfs import StreamedRead
+
+    data = uuid.uuid4().bytes * 70_000  # 1.1 MB
+    path = f"{base}/o.bin"
+    weedfs.pipe_file(path, data)
+    weedfs.pipe_file(f"{base}/empty", b"")
+    for offset in (0, 1, 500_000, len(data) - 1, len(data)):
+        with StreamedRead(weedfs, path, offset, chunk=65536) as read:
+            assert read.size == len(data)  # before a byte is read
+            got = []
+            read.stream(got.append)
+        assert b"".join(got) == data[offset:]
+    with StreamedRead(weedfs, f"{base}/empty") as read:
+        assert read.size == 0
+        got = []
+        read.stream(got.append)
+        assert got == []
+    with pytest.raises(FileNotFoundError):
+        StreamedRead(weedfs, f"{base}/missing")
+    unread = StreamedRead(weedfs, path)
+    unread.close()  # dropped unread: the next request on the session still works
+    assert weedfs.cat_file(path, start=0, end=4) == data[:4]
+
+
+def test_a_put_up_to_64_mib_asks_for_2_mib_chunks(weedfs, base, tmp_path):
+    # The filer stores one chunk while it receives the next: smaller chunks end a small
+    # PUT sooner (SMALL_PUT_MAX). What it stored is what the entry's metadata lists.
+    import os
+
+    import requests
+
+    from slp_runner.backends.seaweedfs import SMALL_PUT_CHUNK_MB, SMALL_PUT_MAX
+
+    chunk_sizes = {}
+    for name, size in (("small", 9 * 1024 * 1024), ("large", SMALL_PUT_MAX + 1)):
+        local = tmp_path / name
+        with open(local, "wb") as f:
+            f.truncate(size)
+        weedfs.put_file(str(local), f"{base}/{name}")
+        entry = requests.get(f"{weedfs.filer_url}/{base}/{name}", params={"metadata": "true"}, timeout=10).json()
+        chunk_sizes[name] = max(c["size"] for c in entry["chunks"])
+        assert sum(c["size"] for c in entry["chunks"]) == size
+        os.unlink(local)
+    assert chunk_sizes["small"] == SMALL_PUT_CHUNK_MB * 1024 * 1024
+    assert chunk_sizes["large"] > SMALL_PUT_CHUNK_MB * 1024 * 1024  # the filer's own (4 MiB by default)

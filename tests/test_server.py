@@ -22,6 +22,7 @@ import pytest
 
 from test_cli import SLP
 from conftest import TEST_CONF
+from seaweed_cluster import default_signals
 
 TESTS = ["hydra.searchpath=[file://" + TEST_CONF + "]"]
 
@@ -55,9 +56,7 @@ def server_pids(folder) -> list[int]:
     return [p for p in pids if psutil.pid_exists(p)]
 
 
-def _default_signals():
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+_default_signals = default_signals
 
 
 def slp(env, *args, cwd=None, preexec_fn=_default_signals):

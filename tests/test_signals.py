@@ -18,6 +18,7 @@ import pytest
 from slp_runner.errors import NotAbandoned
 from slp_runner.pipeline.abandoned import find_abandoned, finalize_abandoned, remove_abandoned, staging_runs
 from slp_runner.pipeline.run_folder import RunFolder, new_run_id
+from seaweed_cluster import default_signals
 from test_cli import SLP, slp
 from test_server import gone
 from conftest import TEST_CONF
@@ -32,10 +33,7 @@ def env(tmp_path):
     return e
 
 
-def _default_signals():
-    # A suite started from a background job inherits SIGINT ignored; slp must see them.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+_default_signals = default_signals  # a suite started from a background job inherits SIGINT ignored
 
 
 def start(env, *args):

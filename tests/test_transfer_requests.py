@@ -81,8 +81,40 @@ def test_filer_put_and_get_requests(seaweed, tmp_path, blob, cache):
     assert counts == Counter({"GET 200": 3, "PUT 201": 1, "DELETE 204": 1}), counts
     counts.clear()
     cache.get(store, BLOB, new.oid)
-    assert counts == Counter({"GET 200": 2}), counts  # its size, then one streamed GET
+    assert counts == Counter({"GET 200": 1}), counts  # one streamed GET, whose answer says the size
     assert backend.fs.ls(backend.path(INCOMING), detail=False) == []
+
+
+@pytest.mark.parametrize("name", ["seaweedfs", "s3"])
+def test_a_get_that_waited_for_another_gets_lock_reads_afresh(seaweed, tmp_path, blob, name):
+    # A get opens its download before it takes the entry's lock (the answer says the
+    # size). Another get holding the lock, for as long as a large download takes, would
+    # leave that answer stale: it is dropped, and the bytes are asked for again.
+    from filelock import FileLock
+
+    backend = make_backend(name, seaweed, tmp_path)
+    store = ArtifactStore(backend)
+    oid = store.put(str(blob), BLOB).oid
+    cache = LocalCache(str(tmp_path / "cache"))
+    counts = counting(backend)
+    lock = FileLock(cache.path_for(BLOB, oid) + ".lock")
+    os.makedirs(os.path.dirname(lock.lock_file), exist_ok=True)
+    got = []
+    with lock:
+        waiting = threading.Thread(target=lambda: got.append(cache.get(store, BLOB, oid)))
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while sum(counts.values()) < 1 and time.monotonic() < deadline:  # it has opened its read
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert waiting.is_alive() and not got  # held by the lock
+    waiting.join(30)
+    assert got and got[0].validation == "download"
+    assert blake3.blake3(open(got[0].path, "rb").read()).hexdigest() == oid
+    if name == "seaweedfs":
+        assert counts == Counter({"GET 200": 2}), counts  # the first answer dropped, a second GET read
+    else:
+        assert counts == Counter({"GetObject": 3}), counts  # the first part's answer dropped; two parts read
 
 
 def test_filer_put_of_a_small_file_hashes_first(seaweed, tmp_path):
@@ -137,8 +169,8 @@ def test_s3_put_and_get_requests(seaweed, tmp_path, blob, large_blob, cache):
     assert counts == Counter({"HeadObject": 2, "GetObject": 1, "PutObject": 1}), counts
     counts.clear()
     cache.get(store, BLOB, new.oid)
-    # one HEAD for the cache's size check; the first ranged GET gives the size to the download
-    assert counts == Counter({"HeadObject": 1, "GetObject": 2}), counts
+    # no HEAD: the first ranged GET's answer says the size, before anything is made locally
+    assert counts == Counter({"GetObject": 2}), counts
     assert store.verify(BLOB, large.oid).ok
 
 

@@ -46,15 +46,16 @@ class Backend:
     fs: any fsspec filesystem.
     root: the folder inside ``fs`` that holds ``models/``, ``prompts/``, ``results/``, ``runs/``.
     location: a credential-free description (URL or path) for messages and manifests.
-    read_options: keyword arguments for ``fs.open(..., "rb")`` that stream best on this backend.
-    read_chunk: bytes per ``read()`` when streaming an object (one request each on S3).
     write_options: keyword arguments for ``fs.put_file`` (part sizes and the like).
     local_paths: the filesystem's paths are this machine's paths (the local backend):
         a get can then let the kernel copy the file and hash the copy.
-    ordered_reader: set where concurrent ranged reads beat one stream (S3):
-        ``ordered_reader(path, sink, offset=0)`` calls ``sink(bytes)`` part by part, in
-        order, from byte ``offset``. Elsewhere the store opens the object with
-        ``read_options`` and ``seek``s to the offset (a ranged GET on the filer).
+    open_reader: ``open_reader(path, offset)`` starts a read of ``path`` from byte
+        ``offset`` the fastest way this backend allows (concurrent ranged GETs on S3,
+        one streamed GET on the filer): it returns once the first request is answered,
+        so a missing object has raised FileNotFoundError and its ``size`` (the whole
+        object's) is known before a byte is read, with no request for the size alone.
+        ``stream(sink)`` then calls ``sink(bytes)`` in order; ``close()`` drops what
+        was not read. None: the store opens ``fs`` and ``seek``s.
     resumes: how many times one read of an object, cut by a dropped connection or a
         timeout part-way, continues from the next byte (a ranged read) before the
         error is reported; the first at once, the n-th after ``resume_backoff * 2**(n-1)`` s.
@@ -85,11 +86,9 @@ class Backend:
     fs: Any
     root: str
     location: str
-    read_options: dict = field(default_factory=dict)
-    read_chunk: int = STREAM_CHUNK
     write_options: dict = field(default_factory=dict)
     local_paths: bool = False
-    ordered_reader: Callable[..., int] | None = None
+    open_reader: Callable[[str, int], Any] | None = None
     resumes: int = 0
     resume_backoff: float = 0.2
     atomic_put: bool = False
@@ -203,7 +202,7 @@ def local_backend(root: str, **_: Any) -> Backend:
 
     root = os.path.abspath(os.path.expanduser(root))
     fs = LocalFileSystem(auto_mkdir=True)
-    return Backend("local", fs, root, root, {"block_size": 8 * 1024 * 1024}, local_paths=True)
+    return Backend("local", fs, root, root, local_paths=True)
 
 
 def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, retries: int = 5,
@@ -220,9 +219,10 @@ def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, ret
     fs = fsspec.filesystem("seaweedfs", filer_url=filer_url, timeout=timeout, retries=retries, backoff=backoff,
                            skip_instance_cache=True)
     location = strip_url_password(f"{filer_url.rstrip('/')}/{root.strip('/')}")
-    from .seaweedfs import upload_verified
+    from .seaweedfs import StreamedRead, upload_verified
 
-    return Backend("seaweedfs", fs, root.strip("/"), location, {"block_size": 0},
+    return Backend("seaweedfs", fs, root.strip("/"), location,
+                   open_reader=functools.partial(StreamedRead, fs, chunk=STREAM_CHUNK),
                    resumes=retries, resume_backoff=backoff, atomic_put=True,
                    verified_upload=functools.partial(upload_verified, fs),
                    buffered_put_max=FILER_BUFFERED_PUT_MAX)
@@ -275,7 +275,7 @@ def s3_backend(
     except ImportError:
         raise ConfigError("backend=s3 needs s3fs: pip install 'slp-runner[s3]'") from None
 
-    from .s3_multipart import download_ordered, head_file, prepare_put, upload_verified
+    from .s3_multipart import OrderedRead, head_file, prepare_put, upload_verified
 
     client_kwargs = {"region_name": region}
     if endpoint_url:
@@ -288,7 +288,7 @@ def s3_backend(
                        "retries": {"mode": "standard", "total_max_attempts": retries + 1}},
         # 1: a whole-object cat_file (a manifest) is one GET, not a HEAD (and, for a
         # missing key, a listing) to size it first; uploads and downloads of objects
-        # bring their own concurrency (write_options, upload_verified, download_ordered).
+        # bring their own concurrency (write_options, upload_verified, OrderedRead).
         max_concurrency=1,
         skip_instance_cache=True,
     )
@@ -304,14 +304,11 @@ def s3_backend(
 
     return Backend(
         "s3", fs, "/".join(p for p in (bucket, root.strip("/")) if p), location,
-        # Uncached reads of 8 MiB: one ranged GET per read, nothing buffered twice.
-        read_options={"block_size": 8 * 1024 * 1024, "cache_type": "none"},
-        read_chunk=8 * 1024 * 1024,
         write_options={"chunksize": part_size_mb * 1024 * 1024, "max_concurrency": max_concurrency},
         verified_upload=functools.partial(upload_verified, fs, part_size=part_size_mb * 1024 * 1024,
                                           concurrency=max_concurrency),
-        ordered_reader=functools.partial(download_ordered, fs, part_size=part_size_mb * 1024 * 1024,
-                                         concurrency=read_concurrency),
+        open_reader=functools.partial(OrderedRead, fs, part_size=part_size_mb * 1024 * 1024,
+                                      concurrency=read_concurrency),
         prepare_write=make_bucket,
         buffered_put_max=BUFFERED_PUT_MAX,
         prepare_put=functools.partial(prepare_put, fs),
