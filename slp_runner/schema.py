@@ -48,8 +48,12 @@ class BenchConf:
     # (whole slp processes); checked by the benchmark, so that a sweep records a bad one as a failed job
     op: str = "upload"
     size_mb: Any = 16  # a number; kept as given (16, not 16.0) for the sweep's tables
-    # recorded iterations (each a median or mean over them), after `warmup` unrecorded ones
+    # recorded iterations (each a median or mean over them), after `warmup` unrecorded ones: at
+    # least `iterations`; in-process ops run more, up to `max_iterations`, until slp's add up
+    # to `min_seconds` (timeit's autorange)
     iterations: int = 5
+    min_seconds: float = 2.0
+    max_iterations: int = 50
     warmup: int = 1
     # also time the reference tool in the same run, alternating iterations with slp
     reference: bool = True

@@ -18,7 +18,7 @@ from test_cli import SLP
 def sweep(env, tmp_path, sweep_dir, *extra):
     return subprocess.run(
         [SLP, "-m", "pipeline=bench_storage", "backend=local,seaweedfs", "bench.size_mb=1,2",
-         "bench.op=upload,download", "bench.iterations=2", "bench.warmup=0",
+         "bench.op=upload,download", "bench.iterations=2", "bench.min_seconds=0", "bench.warmup=0",
          f"hydra.sweep.dir={sweep_dir}", f"runner.runs_dir={tmp_path / 'runs'}", *extra],
         env=env, capture_output=True, text=True, timeout=600)
 
@@ -69,7 +69,7 @@ def failing_sweep(tmp_path_factory, seaweed):
                SLP_FILER_URL=seaweed.filer_url, SLP_FILER_ROOT="failing-sweep")
     proc = subprocess.run(
         [SLP, "-m", "pipeline=bench_storage", "backend=local,seaweedfs", "++bench.op=upload,bogus",
-         "bench.size_mb=1", "bench.iterations=1", "bench.warmup=0", f"++provenance.token={SECRET}",
+         "bench.size_mb=1", "bench.iterations=1", "bench.min_seconds=0", "bench.warmup=0", f"++provenance.token={SECRET}",
          f"hydra.sweep.dir={tmp / 'sweep'}", f"runner.runs_dir={tmp / 'runs'}"],
         env=env, capture_output=True, text=True, timeout=300)
     return proc, tmp / "sweep"

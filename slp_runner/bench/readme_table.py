@@ -168,7 +168,9 @@ def build_table(run_dir: str) -> str:
     lines += [
         "",
         f"Measured {_machine(run_dir, sweeps)}; run folder `{run_dir.rstrip('/')}`, sweeps: {sweeps_done}.",
-        "In-process: the storage API inside a benchmark job; time = mean latency, MiB/s = size / mean, "
+        "In-process: the storage API inside a benchmark job, slp and the reference alternating, at least "
+        "that many iterations each and more (up to `bench.max_iterations`) until slp's add up to "
+        "`bench.min_seconds`; time = mean latency, MiB/s = size / mean, "
         "ratio = slp MiB/s / reference MiB/s. Whole process: the command a user types (`slp task=get hash=<h>`, "
         "`slp task=put kind=blob path=<file>`, `slp task=ls`, with the backend in the environment), wall clock "
         "from spawn to exit; time = median, ratio = reference median / slp median. A ratio above 1: slp is faster. "

@@ -108,8 +108,12 @@ class Series:
                 self.rss_mib.append(got.peak_rss_mib)
             self.seconds.append(took)
 
+    def runs(self) -> int:
+        """Recorded iterations, failed ones included."""
+        return len(self.seconds) + sum(self.errors.values())
+
     def summary(self) -> dict:
-        n = len(self.seconds) + sum(self.errors.values())
+        n = self.runs()
         lat = summarize(s * 1000 for s in self.seconds)
         rates = summarize(self.size / MiB / s for s in self.seconds if s > 0)
         mean_s = lat.get("mean", 0) / 1000
@@ -128,10 +132,16 @@ class Series:
 
 def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iterations: int = 5, warmup: int = 1,
                       reference: bool = True, workdir: str | None = None, log=None,
-                      overrides: list[str] | tuple[str, ...] = ()) -> dict:
+                      overrides: list[str] | tuple[str, ...] = (), min_seconds: float = 0.0,
+                      max_iterations: int = 50) -> dict:
     """Measure one operation on one backend; return the metrics for the run manifest.
     ``overrides``: what the user typed that a ``cli_*`` op's slp processes get too
-    (:func:`.cli_ops.passed_overrides`)."""
+    (:func:`.cli_ops.passed_overrides`).
+
+    In-process ops run at least ``iterations`` times, and more, up to ``max_iterations``,
+    until slp's recorded iterations add up to ``min_seconds`` (as ``timeit``'s autorange
+    does): a 16 MiB transfer of 25 ms is then timed some 80 times, not 5, and one slow
+    iteration moves the mean much less. The iterations run are in the metrics."""
     if op not in OPS:
         raise ConfigError(f"unknown benchmark op {op!r} (choose from {', '.join(OPS)})")
     size = int(size_mb * MiB)
@@ -148,9 +158,10 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
 
             ours, ref, extra = measure_cli(op, store, data, size, iterations, warmup, reference, work, overrides)
         else:
-            ours, ref = _measure(op, store, data, size, iterations, warmup, reference, work)
+            ours, ref = _measure(op, store, data, size, iterations, warmup, reference, work,
+                                 min_seconds, max(iterations, max_iterations))
         metrics = {"op": op, "backend": store.backend.name, "size_mb": size_mb, "size_bytes": size,
-                   "iterations": iterations, "warmup": warmup, "percentiles": PERCENTILES, "slp": ours.summary()}
+                   "iterations": ours.runs(), "warmup": warmup, "percentiles": PERCENTILES, "slp": ours.summary()}
         if ref is not None:
             metrics["reference"] = ref.summary()
             if op in CLI_OPS:  # processes: the median, which a slow start-up now and then does not move
@@ -170,7 +181,7 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _measure(op, store, data, size, iterations, warmup, reference, work):
+def _measure(op, store, data, size, iterations, warmup, reference, work, min_seconds=0.0, max_iterations=50):
     ours = Series(f"slp {store.backend.name}", size)
     ref_tool = reference_for(store.backend) if reference and op in ("upload", "download", "roundtrip") else None
     ref = Series(ref_tool.name, size) if ref_tool else (Series("b3sum", size) if reference and op == "hash" else None)
@@ -191,8 +202,10 @@ def _measure(op, store, data, size, iterations, warmup, reference, work):
         if ref_tool:
             ref_tool.upload(data)
     try:
-        for i in range(warmup + iterations):
+        for i in range(warmup + max_iterations):
             record = i >= warmup
+            if record and ours.runs() >= iterations and sum(ours.seconds) >= min_seconds:
+                break
             if op == "upload":
                 refresh_head(data)
                 puts = []

@@ -7,13 +7,14 @@ from ..pipeline.context import StageContext
 
 
 def bench_storage(ctx: StageContext, op: str = "upload", size_mb: float = 16, iterations: int = 5, warmup: int = 1,
-                  reference: bool = True) -> dict:
+                  reference: bool = True, min_seconds: float = 0.0, max_iterations: int = 50) -> dict:
     """The seed's slp_bench_storage; everything measured goes into the stage metrics.
     The ``cli_*`` ops' slp processes get the backend overrides this run was given."""
     from ..tasks import job_overrides
 
     metrics = run_storage_bench(ctx.store, op=op, size_mb=size_mb, iterations=iterations, warmup=warmup,
-                                reference=reference, overrides=job_overrides())
+                                reference=reference, overrides=job_overrides(), min_seconds=min_seconds,
+                                max_iterations=max_iterations)
     ctx.metrics.update(metrics)
     s = metrics["slp"]
     ctx.log.info("%s %s %s MiB: %s MiB/s (%s), ratio to %s: %s", op, ctx.store.backend.name, size_mb,
