@@ -108,6 +108,9 @@ seaweed-status: install
 # README.md's performance table is regenerated from them.
 BENCH_SIZES ?= 1,16,256
 BENCH_ITER ?= 5
+# In-process series run at least BENCH_ITER times and on until slp's add up to this (a
+# 256 MiB put: 7 instead of 5; 16 MiB: 50), so that one slow iteration moves a mean less.
+BENCH_MIN_SECONDS ?= 8
 BENCH_CLI_SIZE ?= 256
 BENCH_CLI_ITER ?= 5
 bench: install
@@ -124,7 +127,8 @@ bench: install
 	  bench.iterations=$(BENCH_ITER) hydra.sweep.dir=$$out/cli-local | sed -n '/^| backend/,$$p'; \
 	echo "== in-process: storage API, backends x sizes x upload, download"; \
 	$(SLP) -m pipeline=bench_storage backend=local,seaweedfs,s3 bench.size_mb=$(BENCH_SIZES) \
-	  bench.op=upload,download bench.iterations=$(BENCH_ITER) hydra.sweep.dir=$$out/storage | sed -n '/^| backend/,$$p'; \
+	  bench.op=upload,download bench.iterations=$(BENCH_ITER) bench.min_seconds=$(BENCH_MIN_SECONDS) \
+	  hydra.sweep.dir=$$out/storage | sed -n '/^| backend/,$$p'; \
 	echo "== in-process: BLAKE3 vs b3sum, cold vs warm get, 1 GiB"; \
 	$(SLP) -m pipeline=bench_storage backend=local bench.size_mb=1024 bench.op=hash,cache \
 	  bench.iterations=$(BENCH_ITER) hydra.sweep.dir=$$out/hash-cache | sed -n '/^| backend/,$$p'; \

@@ -152,15 +152,15 @@ class LocalCache:
                 cache_lru.touch(path)
                 return CacheGet(path, oid, st.st_size, True, "stat", time.perf_counter() - t0)
         size = opened = None
-        if not os.path.exists(path):
-            # Before anything is created here: a hash nobody has, or one this disk cannot
-            # hold. Where the backend can, the download's own first request says so (no
-            # request for the size alone); it is read from once the entry is locked. Not
-            # when an earlier get left a partial: the bytes from 0 would come in for nothing.
-            if not _has_bytes(self.partial_path(kind, oid)):
-                opened = store.open_object(kind, oid)
-            size = opened.size if opened is not None else store.size_of(kind, oid)
         try:
+            if not os.path.exists(path):
+                # Before anything is created here: a hash nobody has, or one this disk cannot
+                # hold. Where the backend can, the download's own first request says so (no
+                # request for the size alone); it is read from once the entry is locked. Not
+                # when an earlier get left a partial: the bytes from 0 would come in for nothing.
+                if not _has_bytes(self.partial_path(kind, oid)):
+                    opened = store.open_object(kind, oid)
+                size = opened.size if opened is not None else store.size_of(kind, oid)
             return self._get_missing(store, kind, oid, path, size, opened, full_verify, callback, name, t0)
         finally:
             if opened is not None:  # not read from (fetched meanwhile by another get, a full disk)
@@ -173,10 +173,15 @@ class LocalCache:
             ensure_room(self.root, size, f"{kind.name} {oid}")
         with local_write(self.root, size, f"{kind.name} {oid}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        waited = []
-        with _entry_lock(path, waited.append):
-            if waited:  # another get held it, a while maybe: the answer opened before may be stale
-                opened = None  # (get closes it)
+        def stale(_waited: bool) -> None:
+            # Another get holds the lock, maybe for a long download: the answer opened before
+            # would wait as long. Dropped now (its connection freed); the bytes are asked for again.
+            nonlocal opened
+            if opened is not None:
+                opened.close()
+                opened = None
+
+        with _entry_lock(path, stale):
             repaired = False
             if os.path.exists(path):
                 how = self._validate(path, oid, full_verify)
@@ -262,7 +267,10 @@ class LocalCache:
         what = f"{kind.name} {oid}"
         while True:
             kept = _kept_bytes(partial, size)
-            start, opened = (opened if not kept else None), None  # from byte 0 only (get closes it)
+            start, opened = opened, None
+            if kept and start is not None:  # it reads from byte 0: dropped now, its connection freed
+                start.close()
+                start = None
             ensure_room(self.root, size - kept, what)  # again: a corrupt entry may just have been evicted
             try:
                 got, reconnects = self._stream_into(partial, kept, store, kind, oid, size, callback, start)

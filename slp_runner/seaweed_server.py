@@ -52,8 +52,10 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def free_ports(start: int = 20000, end: int = 40000) -> Ports:
-    """Four HTTP ports whose gRPC twins (port + 10000) are free as well."""
+def free_ports(start: int = 10000, end: int = 22700) -> Ports:
+    """Four HTTP ports whose gRPC twins (port + 10000) are free as well. Both below
+    Linux's ephemeral range (32768 on): a server restarted on its port (a test that
+    kills one) never finds it taken by some other process's outgoing connection."""
     chosen: list[int] = []
     base = start + (os.getpid() * 7) % (end - start - 100)
     for port in range(base, end):

@@ -259,8 +259,12 @@ class _FileRead:
 
     def __init__(self, fs: Any, path: str, offset: int):
         self._f = fs.open(path, "rb")
-        if offset:
-            self._f.seek(offset)
+        try:
+            if offset:
+                self._f.seek(offset)
+        except BaseException:
+            self._f.close()
+            raise
 
     def stream(self, sink: Callable[[bytes], None]) -> None:
         while chunk := self._f.read(STREAM_CHUNK):
@@ -737,14 +741,16 @@ class ArtifactStore:
         resumes, t0 = 0, time.monotonic()
         with backend_errors(self.backend, f"reading {path}"):
             while True:
-                before = delivered
+                before, early = delivered, opened is not None
                 try:
-                    read = opened if opened is not None else self._open_read(path, offset + delivered)
+                    read = opened if early else self._open_read(path, offset + delivered)
                     opened = None
                     with read:
                         read.stream(counted)
                     return delivered
                 except (ConnectionError, TimeoutError) as exc:
+                    if early and delivered == before:
+                        continue  # an answer opened before, gone stale while it waited: asked for afresh, once
                     if delivered == before or resumes >= self.backend.resumes:
                         if not resumes:
                             raise

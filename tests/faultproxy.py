@@ -12,7 +12,9 @@ connection to ``127.0.0.1:upstream_port``. Faults, settable at any time:
   (a slow link: ``chunk / delay`` bytes/s per connection);
 - ``refuse``: close every new connection at once;
 - ``damage_up_at``: flip the bits of the byte at that offset of every connection's
-  bytes to the server (damage on the wire that TCP did not catch), counted in ``damaged``.
+  bytes to the server (damage on the wire that TCP did not catch), counted in ``damaged``;
+- ``drop_range``: rename requests' ``Range`` header (to ``X-Nop``, same length), as a
+  proxy that does not pass it on: the server answers with the whole file.
 
 It counts connections, cuts, bytes each way, and the ``Range: bytes=N-`` offsets of
 the requests it forwarded (``ranges``), so a test can tell that a download resumed.
@@ -27,6 +29,7 @@ import struct
 import threading
 
 _RANGE = re.compile(rb"\r\nrange: *bytes=(\d+)-", re.IGNORECASE)
+_RANGE_NAME = re.compile(rb"\r\nrange:", re.IGNORECASE)
 IO_TIMEOUT = 30.0  # no test waits longer than this on a silent socket
 
 
@@ -42,6 +45,7 @@ class FaultProxy:
         self.refuse = False
         self.damage_up_at: int | None = None
         self.damaged = 0
+        self.drop_range = False
         self.connections = 0
         self.cuts = 0
         self.bytes_down = 0
@@ -142,6 +146,8 @@ class FaultProxy:
                     return
                 if direction == "up":
                     self.ranges.extend(int(m.group(1)) for m in _RANGE.finditer(data))
+                    if self.drop_range:
+                        data = _RANGE_NAME.sub(b"\r\nX-Nop:", data)
                     at = self.damage_up_at
                     if at is not None and carried <= at < carried + len(data):
                         data = bytearray(data)

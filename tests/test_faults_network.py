@@ -79,6 +79,27 @@ def test_filer_get_cut_at_90_percent_resumes_with_a_range(filer_proxy, stored, r
     assert leftovers(cache.root) == []
 
 
+def test_filer_get_through_a_proxy_that_drops_range_still_resumes_right(filer_proxy, stored, root, tmp_path):
+    # A resumed get asks for the rest with a Range; a proxy that does not pass it on gets
+    # the whole file back. The bytes before the kept ones are read and dropped.
+    oid, size = stored
+    filer_proxy.drop_range = True
+    via = ArtifactStore(seaweedfs_backend(filer_url=filer_proxy.url, root=root, retries=3, backoff=0.05))
+    cache = LocalCache(str(tmp_path / "cache"))
+    kept = 5 * MiB + 3
+    partial = cache.partial_path(BLOB, oid)
+    os.makedirs(os.path.dirname(partial))
+    with open(partial, "wb") as out:
+        via.stream_object(via.object_path(BLOB, oid), out.write)  # the whole file, over the proxy
+        out.truncate(kept)
+
+    got = cache.get(via, BLOB, oid)
+
+    assert got.resumed_from == kept and filer_proxy.ranges == [kept]
+    assert hash_file(got.path).blake3 == oid
+    assert leftovers(cache.root) == []
+
+
 def test_s3_get_with_ranged_parts_cut_completes(seaweed, tmp_path, root):
     direct = s3_backend(endpoint_url=seaweed.s3_url, bucket="slp-test", root=root,
                         key=seaweed.access_key, secret=seaweed.secret_key)

@@ -253,8 +253,8 @@ def s3_backend(
 
     ``retries``: botocore's ``standard`` retry mode makes at most ``retries + 1``
     attempts of a request (connection errors, timeouts, 5xx, throttling), with its
-    own exponential backoff and jitter; s3fs re-reads a ranged GET whose body was cut
-    at most ``retries + 1`` times (each a botocore request with its own attempts);
+    own exponential backoff and jitter; a ranged GET whose body was cut is asked for
+    again at most ``retries`` times (each a botocore request with its own attempts);
     a download cut even so continues from the next byte at most ``retries`` times
     (the first at once, the n-th after ``backoff * 2**(n-1)`` seconds).
     """
@@ -292,7 +292,9 @@ def s3_backend(
         max_concurrency=1,
         skip_instance_cache=True,
     )
-    fs.retries = retries + 1  # s3fs's own loop around a GET and its body read (default 5)
+    fs.retries = retries + 1  # s3fs's own loop around a GET and its body read (default 5); OrderedRead's
+    # The parts client's connections: upload parts, or ranged reads and the first one's answer.
+    fs._slp_parts_pool = max(max_concurrency, read_concurrency + 1)
     location = strip_url_password(f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/"))
 
     def make_bucket() -> None:

@@ -158,6 +158,7 @@ def parts_client(fs, pool: int):
     client = getattr(fs, "_slp_parts_client", None)
     if client is not None:
         return client
+    pool = max(pool, getattr(fs, "_slp_parts_pool", 0))  # what every user of it needs (s3_backend)
     import botocore
     import botocore.config
     import botocore.session
@@ -200,13 +201,14 @@ class OrderedRead:
     manager sends them: through s3fs's event loop a 256 MiB get took 437 ms, in threads
     322 (boto3's ``download_file`` 564), and 16 MiB 31 against 27 (medians of 25 and 5,
     alternating, on weed s3). A body cut part-way is asked for again from its part's
-    first byte, ``fs.retries`` times in all (what s3fs's own loop around a read did)."""
+    first byte, ``fs.retries`` times in all (what s3fs's own loop around a read did);
+    a GET that failed is not (botocore has retried it already)."""
 
     def __init__(self, fs, path: str, offset: int = 0, *, part_size: int = 8 * 1024 * 1024, concurrency: int = 4):
         self._path, self._offset = path, offset
         self._part_size, self._concurrency = part_size, concurrency
         self._bucket, self._key, _ = fs.split_path(path)
-        self._client = parts_client(fs, concurrency)
+        self._client = parts_client(fs, concurrency + 1)  # + the first part's answer, held
         self._attempts = max(1, int(getattr(fs, "retries", 1)))
         self._body = None
         try:
@@ -216,10 +218,12 @@ class OrderedRead:
                 self.size = offset
                 return
             raise
-        if "ContentRange" not in first:
+        total = first.get("ContentRange", "").rpartition("/")[2]
+        if not total.isdigit():
             first["Body"].close()
-            raise OSError(f"S3 server ignored the Range of a GET of {path}")
-        self.size = int(first["ContentRange"].rpartition("/")[2])
+            raise OSError(f"S3 server answered a ranged GET of {path} without the object's size "
+                          f"(Content-Range {first.get('ContentRange')!r})")
+        self.size = int(total)
         self._body = first["Body"]
 
     def _get(self, start: int, end: int) -> dict:
@@ -229,9 +233,9 @@ class OrderedRead:
     def _part(self, start: int, end: int, body=None) -> bytes:
         """Bytes ``start`` to ``end`` (from ``body``, the first part's answer, if given)."""
         for attempt in range(1, self._attempts + 1):
+            if body is None:
+                body = self._get(start, end)["Body"]
             try:
-                if body is None:
-                    body = self._get(start, end)["Body"]
                 return _read_body(body, end - start, self._path, start)
             except (ConnectionError, TimeoutError):
                 body = None
@@ -247,19 +251,22 @@ class OrderedRead:
                 raise RuntimeError(f"the read of {self._path} was streamed or closed already")
             return
         first_end = min(self._offset + part_size, self.size)
-        ranges = iter([(off, min(off + part_size, self.size)) for off in range(first_end, self.size, part_size)])
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slp-s3-get") as pool:
-            pending = deque([pool.submit(self._part, self._offset, first_end, body)])
+        ranges = ((off, min(off + part_size, self.size)) for off in range(first_end, self.size, part_size))
+        pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="slp-s3-get")
+        pending = deque([pool.submit(self._part, self._offset, first_end, body)])
+        done = False
+        try:
             pending.extend(pool.submit(self._part, a, b) for a, b in islice(ranges, concurrency - 1))
-            try:
-                while pending:
-                    data = pending.popleft().result()
-                    for a, b in islice(ranges, 1):
-                        pending.append(pool.submit(self._part, a, b))
-                    sink(data)
-            finally:
-                for fut in pending:  # a failed part: the others are not waited for, then dropped
-                    fut.cancel()
+            while pending:
+                data = pending.popleft().result()
+                for a, b in islice(ranges, 1):
+                    pending.append(pool.submit(self._part, a, b))
+                sink(data)
+            done = True
+        finally:
+            # A failed part or an interrupt: the parts not started are dropped and those
+            # running are not waited for (each ends with its own request).
+            pool.shutdown(wait=done, cancel_futures=True)
 
     def close(self) -> None:
         body, self._body = self._body, None

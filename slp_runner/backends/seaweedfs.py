@@ -495,21 +495,24 @@ class _ResponseStream(io.RawIOBase):
         self._raw = self._resp.raw
         self._raw.decode_content = True
 
-    def open(self) -> int:
+    def open(self) -> int | None:
         """Send the GET now (FileNotFoundError if there is no such file); the whole
-        file's size, from the answer's headers."""
-        if self._resp is None:
-            self._request()
+        file's size from the answer's headers, None where they do not say it. An
+        answer with the whole file to a ranged GET (a proxy that drops ``Range``) has
+        the bytes before the position read and dropped."""
+        if self._resp is not None:
+            return None
+        self._request()
         headers, status = self._resp.headers, self._resp.status_code
         total = headers.get("Content-Range", "").rpartition("/")[2]
-        if status in (206, 416) and total.isdigit():
-            return int(total)
-        if status == 200 and not self._pos and headers.get("Content-Length", "").isdigit():
-            return int(headers["Content-Length"])
-        self._drop_response()
-        raise OSError(f"SeaweedFS filer at {self._fs.shown_url} answered a GET of "
-                      f"/{self._fs._strip_protocol(self._path)} from byte {self._pos} without saying "
-                      f"the file's size (HTTP {status})")
+        if status in (206, 416):
+            return int(total) if total.isdigit() else None
+        if self._pos:  # the Range was ignored
+            left = self._pos
+            while left:
+                left -= len(self._raw_read(min(left, _IO_CHUNK), self._pos - left, short=True))
+        length = headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else None
 
     def _drop_response(self) -> None:
         if self._resp is not None:
@@ -535,19 +538,30 @@ class _ResponseStream(io.RawIOBase):
 
     def read(self, n=-1):
         if self._resp is None:
-            self._request()
+            self.open()
         if self._resp.status_code == 416:  # at or past the end: nothing left to read
             return b""
+        data = self._raw_read(None if n is None or n < 0 else n, self._pos)
+        self._pos += len(data)
+        return data
+
+    def _raw_read(self, n: int | None, at: int, short: bool = False) -> bytes:
+        """``n`` bytes of the body (all, for None) read at byte ``at``; a cut one raises
+        ConnectionError (TimeoutError if the filer went silent). ``short``: so does an
+        answer that ends before ``n``."""
         try:
-            data = self._raw.read(None if n is None or n < 0 else n)
+            data = self._raw.read(n)
         except (Urllib3HTTPError, requests.RequestException, OSError) as exc:
             # urllib3 reports a cut body (fewer bytes than Content-Length) as ProtocolError.
             self._drop_response()
             timed_out = isinstance(exc, (ReadTimeoutError, TimeoutError))
             err, how = (TimeoutError, "went silent") if timed_out else (ConnectionError, "dropped the connection")
-            raise err(f"SeaweedFS filer at {self._fs.shown_url} {how} at byte {self._pos} "
+            raise err(f"SeaweedFS filer at {self._fs.shown_url} {how} at byte {at} "
                       f"(GET /{self._fs._strip_protocol(self._path)})") from exc
-        self._pos += len(data)
+        if short and not data:
+            self._drop_response()
+            raise ConnectionError(f"SeaweedFS filer at {self._fs.shown_url} ended its answer at byte {at} "
+                                  f"(GET /{self._fs._strip_protocol(self._path)})")
         return data
 
     def readinto(self, b):
@@ -571,7 +585,13 @@ class StreamedRead:
         self._body = _ResponseStream(fs, path)
         self._body.seek(offset)
         self._chunk = chunk
-        self.size = self._body.open()
+        try:
+            size = self._body.open()
+            # Headers that do not say it (a proxy's chunked answer, a 416 without Content-Range).
+            self.size = size if size is not None else int(fs.info(path)["size"])
+        except BaseException:
+            self._body.close()
+            raise
 
     def stream(self, sink) -> None:
         with self._body as body:
