@@ -173,7 +173,8 @@ class LocalCache:
             ensure_room(self.root, size, f"{kind.name} {oid}")
         with local_write(self.root, size, f"{kind.name} {oid}"):
             os.makedirs(os.path.dirname(path), exist_ok=True)
-        def stale(_waited: bool) -> None:
+
+        def stale() -> None:
             # Another get holds the lock, maybe for a long download: the answer opened before
             # would wait as long. Dropped now (its connection freed); the bytes are asked for again.
             nonlocal opened
@@ -424,7 +425,7 @@ FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 @contextlib.contextmanager
 def _entry_lock(path: str, on_wait) -> Iterator[None]:
-    """Hold the entry's lock (see the top); ``on_wait(True)`` is called first if another
+    """Hold the entry's lock (see the top); ``on_wait()`` is called first if another
     get holds it."""
     from filelock import FileLock, Timeout  # a hit takes no lock
 
@@ -432,7 +433,7 @@ def _entry_lock(path: str, on_wait) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        on_wait(True)
+        on_wait()
         lock.acquire()
     try:
         yield

@@ -292,7 +292,8 @@ def s3_backend(
         max_concurrency=1,
         skip_instance_cache=True,
     )
-    fs.retries = retries + 1  # s3fs's own loop around a GET and its body read (default 5); OrderedRead's
+    # s3fs's own loop around a GET and its body read (default 5); OrderedRead's around a part's body.
+    fs.retries = retries + 1
     # The parts client's connections: upload parts, or ranged reads and the first one's answer.
     fs._slp_parts_pool = max(max_concurrency, read_concurrency + 1)
     location = strip_url_password(f"{(endpoint_url or 's3:/').rstrip('/')}/{bucket}/{root.strip('/')}".rstrip("/"))

@@ -140,7 +140,7 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
 
     In-process ops run at least ``iterations`` times, and more, up to ``max_iterations``,
     until slp's recorded iterations add up to ``min_seconds`` (as ``timeit``'s autorange
-    does): a 16 MiB transfer of 25 ms is then timed some 80 times, not 5, and one slow
+    does): a 16 MiB transfer of 25 ms is then timed up to 50 times, not 5, and one slow
     iteration moves the mean much less. The iterations run are in the metrics."""
     if op not in OPS:
         raise ConfigError(f"unknown benchmark op {op!r} (choose from {', '.join(OPS)})")
