@@ -73,7 +73,8 @@ def put(
         result = store.put(path, kind, name=name, source=source, provenance=provenance, sha256=sha256,
                            tool=f"slp put_{kind.name}", callback=cb or DEFAULT_CALLBACK,
                            verify_existing=verify_existing, expect_oid=expect_oid)
-    say(f"Hash (BLAKE3): {result.oid} ({result.hash_seconds:.2f} s)")
+    say(f"Hash (BLAKE3): {result.oid} "
+        f"({f'{result.hash_seconds:.2f} s' if result.hash_seconds else 'of the bytes as they were sent'})")
     if result.sha256:
         say(f"SHA256: {result.sha256}")
     label = name or os.path.basename(path)
@@ -86,7 +87,8 @@ def put(
     # an object whose size (or hash) it has just checked.
     if not result.uploaded:
         say(f"Artifact already exists (hash={result.oid}), checked by {verify_existing or store.verify_existing}")
-        say("Skipped upload (deduplication)")
+        say("Upload dropped (deduplication): the file was sent before its hash was found stored" if result.sent_anyway
+            else "Skipped upload (deduplication)")
         if result.manifest_rewritten:
             say(f"Manifest was missing or damaged: rewritten at {store.manifest_path(kind, result.oid)}")
         say(f"deduplicated {kind.name} {label} hash={result.oid} size={result.size} backend={store.backend.name}")

@@ -96,6 +96,7 @@ class SlpConfig:
     sha256: bool = False
     verify_upload: str = "size"
     verify_existing: str = "size"
+    hash_ahead: Any = "auto"  # auto | true | false
     full_verify: bool = False
     fix: bool = False
     sample: float = 0.0

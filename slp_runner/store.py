@@ -10,10 +10,13 @@ and re-hash), and only then renamed into place. Manifests follow the same way, o
 in one all-or-nothing PUT, always after their object. Readers never see a partial
 object.
 
-On the filer a large file is sent to ``.incoming/`` at once, while a second thread
-hashes it and looks the hash up (reading a file is several times faster than sending
-it): if a sound object is stored already, the upload is cut and nothing of it kept;
-otherwise the sent bytes' hash is compared with that one before the rename.
+On the filer a large file is sent to ``.incoming/`` at once, hashed as it goes out,
+and renamed under the hash of the bytes sent unless a sound object is stored under it
+already (then the upload is dropped). Where the filer runs on another machine, a second
+thread also hashes the file and looks the hash up meanwhile (reading a file is many
+times faster than sending it): a stored object then cuts the upload short. Where it
+runs on this one, that second read would take a core from the filer, so only a hash
+this machine remembers for the file (:mod:`~slp_runner.hash_memo`) is looked up early.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from . import manifest as manifests
 from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
 from .backends import Backend
 from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
+from .hash_memo import HashMemo
 from .hashing import STREAM_CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
 from .jsonl import count_prompt_records
 from .redaction import mask_names
@@ -46,6 +50,10 @@ INCOMING = ".incoming"
 # Files from this size on are sent while they are hashed, where the backend allows it
 # (ArtifactStore.put). Below it hashing and the lookup take a few ms at most.
 AHEAD_MIN = 8 * 1024 * 1024
+# Whether such a put also hashes the file in a second read beside the upload, so that an
+# object already stored stops it early (ArtifactStore.put): auto = unless the filer runs
+# on this machine, where that read takes a core from the filer.
+HASH_AHEAD = ("auto", True, False)
 
 
 @dataclass
@@ -62,6 +70,7 @@ class PutResult:
     sha256: str | None = None
     repaired: str | None = None  # why a damaged stored object was replaced (None: it was not)
     manifest_rewritten: bool = False  # deduplicated, but the manifest was missing or damaged
+    sent_anyway: bool = False  # deduplicated only once the file was sent (hashed as it went out): dropped
     ref: str | None = None  # name:tag the put was given (written by commands.put, not the store)
 
     @property
@@ -110,16 +119,22 @@ class _Unwanted(Exception):
 class _Lookahead:
     """Hash a local file and look up what the store holds under the hash, in a thread of
     its own, while the upload this may make pointless goes on in the caller's thread.
+    With a ``hint`` (the hash a :class:`~slp_runner.hash_memo.HashMemo` remembers for
+    the file), that hash is looked up at once and the file is not read: what is found
+    then stops the upload only; the caller hashes the file before it deduplicates.
 
     Only the caller's thread writes to the backend: this one reads (the file, the
     object's metadata, its manifest), so leaving it behind, as an interrupt does, leaves
     nothing on the backend. ``cancel`` stops the hashing at its next window."""
 
-    def __init__(self, store: ArtifactStore, job: _Put, how: str, sha256: bool, expect_oid: str | None):
+    def __init__(self, store: ArtifactStore, job: _Put, how: str, sha256: bool, expect_oid: str | None,
+                 hint: str | None = None):
         self._store, self._job, self._how, self._sha256, self._expect = store, job, how, sha256, expect_oid
+        self.hint = hint
         self._cancelled = threading.Event()
         self._done = threading.Event()
-        self.digest: FileDigest | None = None
+        self.digest: FileDigest | None = None  # the file's, once hashed (never with a hint)
+        self.oid: str | None = None  # the hash looked up: the digest's, or the hint
         self.found: _Found | None = None
         self.error: BaseException | None = None
         self.hash_seconds = 0.0
@@ -134,15 +149,19 @@ class _Lookahead:
     def _run(self) -> None:
         store, job = self._store, self._job
         try:
-            t0 = time.perf_counter()
-            # One thread: the upload beside it, and the filer it sends to, want the other core.
-            digest = hash_file(job.local_path, sha256=self._sha256, stop=self._cancelled.is_set, threads=1)
-            self.hash_seconds = time.perf_counter() - t0
-            self.digest = digest
-            _check_expected(job.local_path, digest, self._expect)
-            final = store.object_path(job.kind, digest.blake3)
+            if self.hint is not None:
+                looked_up = FileDigest(self.hint, job.before.st_size)
+            else:
+                t0 = time.perf_counter()
+                # One thread: the upload beside it, and the filer it sends to, want the other core.
+                looked_up = hash_file(job.local_path, sha256=self._sha256, stop=self._cancelled.is_set, threads=1)
+                self.hash_seconds = time.perf_counter() - t0
+                self.digest = looked_up
+                _check_expected(job.local_path, looked_up, self._expect)
+            self.oid = looked_up.blake3
+            final = store.object_path(job.kind, looked_up.blake3)
             with backend_errors(store.backend, f"storing {final}"):
-                self.found = store._lookup(job.kind, digest, final, self._how)
+                self.found = store._lookup(job.kind, looked_up, final, self._how)
         except BaseException as exc:  # raised again by result(), in the caller's thread
             self.error = exc
         finally:
@@ -155,20 +174,21 @@ class _Lookahead:
     def wait(self) -> None:
         self._done.wait()
 
-    def result(self) -> tuple[FileDigest, _Found]:
+    def result(self) -> _Found:
         self._done.wait()
         if self.error is not None:
             raise self.error
-        return self.digest, self.found
+        return self.found
 
-    def final_path(self) -> str:
-        """Where the upload goes: asked once its check passed, so the hash is known."""
-        return self._store.object_path(self._job.kind, self.digest.blake3)
 
-    def storing(self) -> str:
-        """What an upload error names: the object if its hash is known already, else the file."""
-        digest = self.digest
-        return f"storing {self._store.object_path(self._job.kind, digest.blake3) if digest else self._job.local_path}"
+@dataclass
+class _Sent:
+    """What a put that uploads ahead of its hash knows: the file's digest (the lookahead's,
+    or that of the bytes sent) and what is stored under it."""
+
+    digest: FileDigest | None = None
+    found: _Found | None = None
+    whole: bool = False  # the file was sent whole before the stored object was found
 
 
 def check_local_file(local_path: str) -> None:
@@ -182,6 +202,11 @@ def check_local_file(local_path: str) -> None:
 def _check_expected(local_path: str, digest: FileDigest, expect_oid: str | None) -> None:
     if expect_oid is not None and digest.blake3 != expect_oid:
         raise InputError(f"{local_path} hashes to {digest.blake3}, not {expect_oid}: it cannot stand for that object")
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    """What changes whenever a file's bytes do (any write sets the ctime; nothing sets it back)."""
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _late_destination(backend: Backend) -> bool:
@@ -286,7 +311,10 @@ class ArtifactStore:
     reads the stored object back and hashes it before it is published.
     """
 
-    def __init__(self, backend: Backend, verify_upload: str = "size", verify_existing: str = "size"):
+    def __init__(self, backend: Backend, verify_upload: str = "size", verify_existing: str = "size",
+                 hash_ahead: bool | str = "auto", hash_memo: HashMemo | None = None):
+        if hash_ahead not in HASH_AHEAD:
+            raise ConfigError(f"unknown hash_ahead {hash_ahead!r} (choose from auto, true, false)")
         if verify_upload not in VERIFY_MODES:
             raise ConfigError(f"unknown upload verification {verify_upload!r} (choose from {', '.join(VERIFY_MODES)})")
         if verify_existing not in EXISTING_CHECKS:
@@ -295,6 +323,8 @@ class ArtifactStore:
         self.fs = backend.fs
         self.verify_upload = verify_upload
         self.verify_existing = verify_existing
+        self.hash_ahead = hash_ahead
+        self.hash_memo = hash_memo
         # Sizes of objects ``find_kind`` just found, for the next ``size_of`` of each (a
         # get by hash alone then asks once, not twice); used once, so a later check asks
         # the backend again. An object's size is its hash's: a damaged one is caught by
@@ -391,10 +421,14 @@ class ArtifactStore:
         file that does not hash to it (``repair``); nothing is published then.
 
         Where the backend uploads to a temporary name and is told the final one only
-        once the bytes are sent (the filer), the upload starts at once while a thread
-        hashes the file and looks the hash up: a sound stored object stops the upload
-        part-way (nothing is kept of it); otherwise the bytes are published once the
-        hash of what was sent matches. Elsewhere the file is hashed first.
+        once the bytes are sent (the filer), a large file's upload starts at once and
+        the bytes are hashed as they go out: they are published under that hash, or
+        dropped if a sound object is stored under it. With ``hash_ahead`` (``auto``:
+        unless the filer runs on this machine), a thread also hashes the file and looks
+        the hash up meanwhile, so a sound stored object stops the upload part-way; a
+        hash the ``hash_memo`` remembers for the file is looked up at once instead
+        (then the file is hashed before it is deduplicated). Nothing is kept of a
+        stopped upload. Elsewhere the file is hashed first.
         """
         local_path = os.fspath(local_path)
         check_local_file(local_path)
@@ -472,51 +506,112 @@ class ArtifactStore:
         return (self.verify_upload == "size" and how == "size" and job.before.st_size >= AHEAD_MIN
                 and _late_destination(self.backend))
 
+    def _hashes_ahead(self, sha256: bool) -> bool:
+        """Whether a filer put hashes its file in a second read beside the upload (see ``put``)."""
+        if sha256:  # the bytes sent are hashed with BLAKE3 alone
+            return True
+        if self.hash_ahead == "auto":
+            return not self.backend.same_machine
+        return bool(self.hash_ahead)
+
     def _put_ahead(self, job: _Put, how: str, sha256: bool, expect_oid: str | None) -> PutResult:
-        look = _Lookahead(self, job, how, sha256, expect_oid)
-        look.start()
+        hint = self.hash_memo.recall(job.before) if self.hash_memo is not None and not sha256 else None
+        look = None
+        if hint is not None or self._hashes_ahead(sha256):
+            look = _Lookahead(self, job, how, sha256, expect_oid, hint=hint)
+            look.start()
+        sent = _Sent()
         try:
-            seconds = self._send_ahead(job, look)
-            digest, found = look.result()  # its error, if it had one: hashing, the expected hash, the lookup
+            seconds = self._send_ahead(job, look, sent, how, expect_oid)
+            if look is not None and look.stops_upload():
+                look.result()  # its error, if it had one: hashing, the expected hash, the lookup
         except BaseException:
-            look.cancel()
+            if look is not None:
+                look.cancel()
             raise
+        hash_seconds = look.hash_seconds if look is not None else 0.0
+        if seconds is not None:
+            result = self._publish_new(job, sent.digest, sent.found, "inline-hash", seconds, hash_seconds)
+        elif sent.digest is not None:  # the bytes sent (or the lookahead's) hash to a sound stored object
+            result = self._store_known(job, sent.digest, sent.found, hash_seconds, how)
+            result.sent_anyway = sent.whole and not result.uploaded
+        else:  # a remembered hash found a sound object: the file must hash to it to be that object
+            t0 = time.perf_counter()
+            digest = hash_file(job.local_path)
+            _check_expected(job.local_path, digest, expect_oid)
+            found = look.found if digest.blake3 == look.oid else None
+            result = self._store_known(job, digest, found, time.perf_counter() - t0, how)
+        self._remember(job, result.oid)
+        return result
+
+    def _store_known(self, job: _Put, digest: FileDigest, found: _Found | None, hash_seconds: float,
+                     how: str) -> PutResult:
+        """Store a file whose hash is known: keep the sound object found under it (None:
+        look it up), or send the file (again) and publish it."""
         final = self.object_path(job.kind, digest.blake3)
         with backend_errors(self.backend, f"storing {final}"):
-            if seconds is not None:
-                return self._publish_new(job, digest, found, "inline-hash", seconds, look.hash_seconds)
-            # Stopped: a sound object is stored under the hash.
-            if (done := self._deduplicate(job, digest, found, look.hash_seconds)) is not None:
+            if found is None:
+                found = self._lookup(job.kind, digest, final, how)
+            if found.sound and (done := self._deduplicate(job, digest, found, hash_seconds)) is not None:
                 return done
-            t1 = time.perf_counter()  # a gc removed it meanwhile: send the file again, its hash known now
+            t1 = time.perf_counter()  # not stored, or a gc removed it meanwhile: send the file
             verification = self._write_verified(job.local_path, final, digest, job.before, job.callback)
-            return self._publish_new(job, digest, found, verification, time.perf_counter() - t1, look.hash_seconds)
+            return self._publish_new(job, digest, found, verification, time.perf_counter() - t1, hash_seconds)
 
-    def _send_ahead(self, job: _Put, look: _Lookahead) -> float | None:
-        """Upload to a temporary name while ``look`` hashes and looks up; publish under
-        the hash if the bytes sent hash to it. The seconds it took, or None if ``look``
-        stopped it (nothing is left of it then)."""
+    def _remember(self, job: _Put, oid: str) -> None:
+        """Tell the memo what the file hashed to, if it is still the file the put found."""
+        if self.hash_memo is None:
+            return
+        with contextlib.suppress(OSError):
+            if _version(os.stat(job.local_path)) == _version(job.before):
+                self.hash_memo.remember(job.before, oid)
+
+    def _send_ahead(self, job: _Put, look: _Lookahead | None, sent: _Sent, how: str,
+                    expect_oid: str | None) -> float | None:
+        """Upload to a temporary name, hashing the bytes as they go, while ``look`` (if
+        any) hashes the file or looks a remembered hash up; publish under the hash of the
+        bytes sent unless a sound object is stored under it. Fills ``sent`` with the
+        file's digest and what is stored under it. The seconds it took, or None if it
+        was stopped (by ``look``) or dropped (a sound object is stored under the sent
+        bytes' hash): nothing is left of it then."""
 
         def proceed() -> None:  # before each block sent
-            if look.stops_upload():
+            if look is not None and look.stops_upload():
                 raise _Unwanted
 
-        def check(sent: FileDigest) -> None:  # once all was sent, before the rename
-            look.wait()
-            if look.stops_upload():
-                raise _Unwanted
-            if sent.blake3 != look.digest.blake3:
-                raise IntegrityError(f"{job.local_path} changed while it was being stored; nothing was published")
+        def check(digest: FileDigest) -> None:  # once all was sent, before the rename
+            if look is not None:
+                look.wait()
+                if look.stops_upload():
+                    raise _Unwanted
+                if look.digest is not None and digest.blake3 != look.digest.blake3:
+                    raise IntegrityError(f"{job.local_path} changed while it was being stored; nothing was published")
+            _check_expected(job.local_path, digest, expect_oid)
             self._check_unchanged(job.local_path, job.before)
+            sent.digest = digest
+            if look is not None and look.oid == digest.blake3:
+                sent.found = look.found
+            else:  # looked up only now: no lookahead, or a remembered hash that is stale
+                sent.found = self._lookup(job.kind, digest, self.object_path(job.kind, digest.blake3), how)
+            if sent.found.sound:
+                sent.whole = True
+                raise _Unwanted
 
-        with backend_errors(self.backend, look.storing):
+        def storing() -> str:
+            digest = sent.digest or (look.digest if look is not None else None)
+            return f"storing {self.object_path(job.kind, digest.blake3) if digest else job.local_path}"
+
+        with backend_errors(self.backend, storing):
             self.backend.ensure_writable()
             t1 = time.perf_counter()
             try:
-                self.backend.verified_upload(job.local_path, look.final_path, check, callback=job.callback,
+                self.backend.verified_upload(job.local_path, lambda: self.object_path(job.kind, sent.digest.blake3),
+                                             check, callback=job.callback,
                                              incoming=self.backend.path(INCOMING, f"{uuid.uuid4().hex}.part"),
                                              proceed=proceed)
             except _Unwanted:
+                if sent.digest is None and look is not None and look.digest is not None:
+                    sent.digest, sent.found = look.digest, look.found  # stopped by the lookahead's hash
                 return None
             return time.perf_counter() - t1
 
@@ -662,8 +757,7 @@ class ArtifactStore:
         return self.backend.path(INCOMING, f"{oid}.{uuid.uuid4().hex}.part")
 
     def _check_unchanged(self, local_path: str, before: os.stat_result) -> None:
-        after = os.stat(local_path)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        if _version(os.stat(local_path)) != _version(before):
             raise IntegrityError(f"{local_path} changed while it was being stored; nothing was published")
 
     def _verify_stored(self, path: str, digest: FileDigest) -> str:

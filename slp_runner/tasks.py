@@ -97,9 +97,12 @@ def _instantiate_with_hydra(cfg: DictConfig, target: str) -> Backend:
 
 
 def build_store(cfg: DictConfig) -> ArtifactStore:
+    from .hash_memo import MEMO_DIR, HashMemo
     from .store import ArtifactStore
 
-    return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing)
+    memo = HashMemo(os.path.join(os.path.abspath(os.path.expanduser(cfg.cache_dir)), MEMO_DIR))
+    return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing,
+                         hash_ahead=cfg.hash_ahead, hash_memo=memo)
 
 
 def open_cache(cfg: DictConfig) -> LocalCache:
@@ -161,7 +164,7 @@ def _put_json(result, store: ArtifactStore) -> dict[str, Any]:
     return {
         "kind": result.kind.name, "hash": result.oid, "size": result.size,
         "status": "repaired" if result.repaired else "uploaded" if result.uploaded else "deduplicated",
-        "repaired": result.repaired, "manifest_rewritten": result.manifest_rewritten,
+        "repaired": result.repaired, "manifest_rewritten": result.manifest_rewritten, "sent_anyway": result.sent_anyway,
         "seconds": round(result.seconds, 4), "mib_per_s": round(result.mib_per_s, 1),
         "hash_seconds": round(result.hash_seconds, 4), "verification": result.verification,
         "sha256": result.sha256, "object": result.object_path,
@@ -502,7 +505,7 @@ class Task:
 
 
 _BACKEND = ("backend",)
-_PUT_KEYS = ("provenance", "sha256", "verify_upload", "verify_existing", "progress") + _BACKEND
+_PUT_KEYS = ("provenance", "sha256", "verify_upload", "verify_existing", "hash_ahead", "progress", "cache_dir") + _BACKEND
 _GET_KEYS = ("hash", "out", "full_verify", "progress", "cache_dir") + _BACKEND
 
 TASKS: dict[str, Task] = {

@@ -6,6 +6,7 @@ process stopped with SIGTERM; the pace of an upload is set by its progress callb
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ from slp_runner.artifacts import BLOB
 from slp_runner.backends import seaweedfs_backend
 from slp_runner.backends.s3_uploads import uploads_in_progress
 from slp_runner.errors import InputError, IntegrityError
+from slp_runner.hash_memo import HashMemo
 from slp_runner.store import AHEAD_MIN, INCOMING, ArtifactStore
 from test_faults_network import write_blob
 from test_signals import start
@@ -73,7 +75,17 @@ def answered(backend) -> Counter:
 
 @pytest.fixture
 def filer_store(seaweed, tmp_path):
-    return ArtifactStore(make_backend("seaweedfs", seaweed, tmp_path))
+    """A store that hashes each file in a second read beside its upload (hash_ahead)."""
+    return ArtifactStore(make_backend("seaweedfs", seaweed, tmp_path), hash_ahead=True)
+
+
+@pytest.fixture
+def once_store(seaweed, tmp_path):
+    """What a put on a filer on this machine gets by default: each file read once, as it is
+    sent, and a memo of the hashes of files put before."""
+    backend = make_backend("seaweedfs", seaweed, tmp_path)
+    assert backend.same_machine
+    return ArtifactStore(backend, hash_memo=HashMemo(str(tmp_path / "memo")))
 
 
 @pytest.fixture
@@ -124,10 +136,10 @@ def test_an_upload_is_not_stopped_once_its_last_byte_is_sent(seaweed, tmp_path, 
     fs.rm(path.split("/")[0], recursive=True)
 
 
-@pytest.mark.parametrize("name", ["seaweedfs", "s3"])
-def test_file_changed_during_put_publishes_nothing(name, seaweed, tmp_path):
+@pytest.mark.parametrize("name,ahead", [("seaweedfs", True), ("seaweedfs", False), ("s3", "auto")])
+def test_file_changed_during_put_publishes_nothing(name, ahead, seaweed, tmp_path):
     backend = make_backend(name, seaweed, tmp_path)
-    store = ArtifactStore(backend)
+    store = ArtifactStore(backend, hash_ahead=ahead)
     path = write_blob(tmp_path / "moving.bin", 40 * MiB)  # on S3 five parts: the last is read after the first is sent
     before = os.stat(path)
 
@@ -136,7 +148,8 @@ def test_file_changed_during_put_publishes_nothing(name, seaweed, tmp_path):
         with open(path, "r+b") as f:
             f.seek(-MiB, os.SEEK_END)
             f.write(os.urandom(MiB))
-        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size, same time: only the bytes tell
+        # Same size, same mtime: the bytes tell (a second read), or the ctime, which no call sets back.
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
 
     with pytest.raises(IntegrityError, match="changed while it was being stored; nothing was published"):
         store.put(path, BLOB, callback=OnFirstBlock(change_the_tail))
@@ -235,3 +248,100 @@ def test_sigterm_during_a_filer_put_leaves_nothing(seaweed, tmp_path):
     fs = seaweedfs_backend(filer_url=seaweed.filer_url, root=root).fs
     left = fs.find(root) if fs.exists(root) else []
     assert left == [], left
+
+
+# -- a filer on this machine: the file read once, as it is sent ---------------------
+
+
+def test_a_filer_on_this_machine_gets_its_files_read_once(once_store, big):
+    seen = []
+    put = once_store.put(big, BLOB, callback=OnFirstBlock(
+        lambda: seen.append([t.name for t in threading.enumerate() if t.name == "slp-put-lookahead"])))
+    assert seen == [[]]  # no second read beside the upload
+    assert put.uploaded and put.hash_seconds == 0.0 and put.verification == "inline-hash"
+    assert once_store.verify(BLOB, put.oid).ok
+    assert incoming(once_store) == []
+
+
+def test_which_filers_are_on_this_machine():
+    for url in ("http://127.0.0.1:8888", "http://localhost:8888", "http://[::1]:8888", "http://127.3.2.1"):
+        assert seaweedfs_backend(filer_url=url).same_machine, url
+    for url in ("http://10.0.0.2:8888", "http://filer.example:8888", "http://192.168.1.5"):
+        assert not seaweedfs_backend(filer_url=url).same_machine, url
+
+
+def test_a_file_stored_already_but_never_hashed_here_is_sent_then_dropped(once_store, big, tmp_path):
+    first = once_store.put(big, BLOB)
+    copy = tmp_path / "copy.bin"  # same bytes, another inode: nothing remembered for it
+    copy.write_bytes(open(big, "rb").read())
+
+    again = once_store.put(str(copy), BLOB)
+
+    assert not again.uploaded and again.sent_anyway and again.oid == first.oid
+    assert incoming(once_store) == []
+    assert sorted(listing(once_store.backend)) == sorted([first.object_path, once_store.manifest_path(BLOB, first.oid)])
+
+
+def test_a_file_put_before_is_looked_up_by_its_remembered_hash_and_not_sent_again(once_store, big):
+    first = once_store.put(big, BLOB)
+    progress = OnFirstBlock(lookahead_done)
+
+    again = once_store.put(big, BLOB, callback=progress)
+
+    assert not again.uploaded and not again.sent_anyway and again.oid == first.oid
+    assert progress.most <= 2 * MiB and progress.value == 0  # stopped after its first block, taken back
+    assert again.hash_seconds > 0  # the file was hashed before it was taken for the stored object
+    assert incoming(once_store) == []
+
+
+def _memo_record(memo_root, path) -> str:
+    [record] = [os.path.join(memo_root, n) for n in os.listdir(memo_root) if n.endswith(".json")
+                and n.startswith(f"{os.stat(path).st_dev:x}-{os.stat(path).st_ino:x}.")]
+    return record
+
+
+def test_a_remembered_hash_that_lies_never_decides_what_is_stored(seaweed, tmp_path, big):
+    backend = make_backend("seaweedfs", seaweed, tmp_path)
+    memo_root = tmp_path / "memo"
+    store = ArtifactStore(backend, hash_memo=HashMemo(str(memo_root)))
+    other = store.put(write_blob(tmp_path / "other.bin", SIZE), BLOB)  # stored, and sound
+    first = store.put(big, BLOB)
+    store.fs.rm([first.object_path, store.manifest_path(BLOB, first.oid)])
+    record = _memo_record(memo_root, big)
+    with open(record) as f:
+        lie = json.load(f)
+    lie["blake3"] = other.oid  # as a stale or edited record would say
+    with open(record, "w") as f:
+        json.dump(lie, f)
+
+    again = store.put(big, BLOB, callback=OnFirstBlock(lookahead_done))
+
+    # The lie found a sound object and stopped the upload; the file's own hash did not
+    # match it, so the file was sent again and stored under its own hash.
+    assert again.uploaded and again.oid == first.oid
+    assert store.verify(BLOB, first.oid).ok and store.verify(BLOB, other.oid).ok
+    assert store.read_manifest(BLOB, other.oid)["blake3"] == other.oid
+    assert HashMemo(str(memo_root)).recall(os.stat(big)) == first.oid  # put right
+    assert incoming(store) == []
+
+
+def test_a_memo_that_cannot_be_read_or_written_is_no_error(seaweed, tmp_path, big):
+    backend = make_backend("seaweedfs", seaweed, tmp_path)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the memo's folder would be")
+    put = ArtifactStore(backend, hash_memo=HashMemo(str(blocked))).put(big, BLOB)
+    assert put.uploaded and HashMemo(str(blocked)).recall(os.stat(big)) is None
+
+    memo_root = tmp_path / "memo"
+    store = ArtifactStore(backend, hash_memo=HashMemo(str(memo_root)))
+    assert not store.put(big, BLOB).uploaded
+    with open(_memo_record(memo_root, big), "w") as f:
+        f.write("{not json")
+    again = store.put(big, BLOB)
+    assert not again.uploaded and again.sent_anyway and again.oid == put.oid  # found after the upload
+
+
+def test_a_file_not_matching_its_expected_hash_is_refused_after_one_read(once_store, big):
+    with pytest.raises(InputError, match="hashes to .*, not 0{64}"):
+        once_store.put(big, BLOB, expect_oid="0" * 64)
+    assert listing(once_store.backend) == []

@@ -5,6 +5,7 @@ response hook on the filer's session, a botocore event on the S3 client."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from slp_runner.backends.s3_multipart import download_ordered, parts_client
 from slp_runner.backends.seaweedfs import upload_verified
 from slp_runner.cache import LocalCache
 from slp_runner.errors import IntegrityError
+from slp_runner.hash_memo import HashMemo
 from slp_runner.store import AHEAD_MIN, INCOMING, ArtifactStore
 
 MiB = 1024 * 1024
@@ -66,19 +68,29 @@ class _FirstBlockWaits(Callback):
 
 def test_filer_put_and_get_requests(seaweed, tmp_path, blob, cache):
     backend = make_backend("seaweedfs", seaweed, tmp_path)
-    store = ArtifactStore(backend)
+    assert backend.same_machine  # so the file is read once, as it is sent
+    store = ArtifactStore(backend, hash_memo=HashMemo(str(tmp_path / "memo")))
     counts = counting(backend)
 
     new = store.put(str(blob), BLOB)
-    # The object PUT under .incoming/ at once (hashed as it streams) while the file is
-    # hashed and looked up (object and manifest: 404), renamed, the manifest PUT in place.
-    assert new.verification == "inline-hash"
+    # The object PUT under .incoming/ at once, hashed as it streams; then its hash looked
+    # up (object and manifest: 404), the object renamed, the manifest PUT in place.
+    assert new.verification == "inline-hash" and new.hash_seconds == 0.0
     assert counts == Counter({"GET 404": 2, "PUT 201": 2, "POST 204": 1}), counts
     counts.clear()
-    assert not store.put(str(blob), BLOB, callback=_FirstBlockWaits()).uploaded
-    # Found sound (object, manifest): the object's PUT is cut after its first block (no
-    # answer), its temporary name deleted; the manifest refreshed, the object still there.
+    again = store.put(str(blob), BLOB, callback=_FirstBlockWaits())
+    assert not again.uploaded and not again.sent_anyway
+    # The hash remembered for the file is looked up at once and found sound (object,
+    # manifest): the object's PUT is cut after its first block (no answer), its temporary
+    # name deleted, the file hashed; the manifest refreshed, the object still there.
     assert counts == Counter({"GET 200": 3, "PUT 201": 1, "DELETE 204": 1}), counts
+    counts.clear()
+    copy = tmp_path / "copy.bin"  # the same bytes, never hashed on this machine
+    shutil.copyfile(blob, copy)
+    dropped = store.put(str(copy), BLOB)
+    assert not dropped.uploaded and dropped.sent_anyway and dropped.oid == new.oid
+    # Sent whole and answered, found stored under the sent bytes' hash, deleted.
+    assert counts == Counter({"GET 200": 3, "PUT 201": 2, "DELETE 204": 1}), counts
     counts.clear()
     cache.get(store, BLOB, new.oid)
     assert counts == Counter({"GET 200": 1}), counts  # one streamed GET, whose answer says the size

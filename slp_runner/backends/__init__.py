@@ -77,6 +77,8 @@ class Backend:
     prepare_put: ``prepare_put(path, data)`` readies the one PUT of such a buffer (on
         S3, computes the checksum it is sent with) and returns the call that sends
         it; the store readies it while it looks the hash up. None: ``fs.pipe_file``.
+    same_machine: the service runs on this machine (its URL names a loopback address):
+        work the client adds beside a transfer takes a core from the server.
     file_info: ``file_info(path)`` is ``{"size": ..., "type": "file"}`` of a stored
         file in one request, None if there is none, where ``fs.info`` takes more for a
         missing one (s3fs lists the key as a folder after a HEAD that found nothing).
@@ -97,6 +99,7 @@ class Backend:
     buffered_put_max: int = 0
     prepare_put: Callable[[str, bytes], Callable[[], None]] | None = None
     file_info: Callable[[str], dict | None] | None = None
+    same_machine: bool = False
 
     def ensure_writable(self) -> None:
         """Create what must exist before the first write (an S3 bucket, say); once."""
@@ -225,7 +228,22 @@ def seaweedfs_backend(filer_url: str, root: str = "", timeout: float = 60.0, ret
                    open_reader=functools.partial(StreamedRead, fs, chunk=STREAM_CHUNK),
                    resumes=retries, resume_backoff=backoff, atomic_put=True,
                    verified_upload=functools.partial(upload_verified, fs),
-                   buffered_put_max=FILER_BUFFERED_PUT_MAX)
+                   buffered_put_max=FILER_BUFFERED_PUT_MAX, same_machine=_on_loopback(filer_url))
+
+
+def _on_loopback(url: str) -> bool:
+    """The URL's host is this machine by its address (127.0.0.0/8, ::1) or ``localhost``;
+    no name is looked up."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def s3_backend(

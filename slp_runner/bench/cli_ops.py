@@ -52,7 +52,7 @@ from .storage import ProcessUsage, Series, refresh_head
 
 # Overrides a job passes on to its slp processes: those that change what a get, put or
 # ls does. Anything else the job was given (bench.*, runner.*, hydra.sweep.*) is its own.
-PASSED_KEYS = ("verify_upload", "verify_existing", "sha256", "full_verify", "hydra.searchpath")
+PASSED_KEYS = ("verify_upload", "verify_existing", "hash_ahead", "sha256", "full_verify", "hydra.searchpath")
 HYDRA_IMPORT = 'python -c "import hydra"'
 FLOOR = "python -c pass"
 STDERR_TAIL = 600  # characters of a failed process's stderr kept in its error

@@ -1,0 +1,62 @@
+"""What this machine last hashed a local file to, keyed by the file's identity and stat
+(device, inode, size, mtime, ctime), as DVC's state database keys its md5s.
+
+A put uses it as a hint only: it lets a filer put look the hash up before it has read
+the file, so that a file put before is not sent again. It is never trusted: a put that
+finds a sound object under a remembered hash hashes the file before it deduplicates
+against that object, and one that sends the file publishes it under the hash of the
+bytes it sent. A record that is stale, edited or unreadable costs time, never a wrong
+answer; writing one that fails (a read-only or full disk) is not an error either.
+
+One small JSON file per file put, ``<cache_dir>/put-hashes/<device>-<inode>.json``, replaced atomically.
+The ctime is what makes a record specific to one version of the file: every write,
+chmod or ``touch -d`` sets it to the present and no user call sets it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+
+from .hashing import OID_RE
+
+MEMO_DIR = "put-hashes"  # in the cache folder
+
+
+class HashMemo:
+    def __init__(self, root: str):
+        self.root = root
+
+    def _path(self, st: os.stat_result) -> str:
+        return os.path.join(self.root, f"{st.st_dev:x}-{st.st_ino:x}.json")
+
+    @staticmethod
+    def _version(st: os.stat_result) -> list[int]:
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+    def recall(self, st: os.stat_result) -> str | None:
+        """The hash remembered for the file with this stat, or None."""
+        try:
+            with open(self._path(st), encoding="utf-8") as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("version") != self._version(st):
+            return None
+        oid = record.get("blake3")
+        return oid if isinstance(oid, str) and OID_RE.fullmatch(oid) else None
+
+    def remember(self, st: os.stat_result, oid: str) -> None:
+        """Record that the file with this stat hashed to ``oid`` (best effort)."""
+        path = self._path(st)
+        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"version": self._version(st), "blake3": oid}, f)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
