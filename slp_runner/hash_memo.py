@@ -41,7 +41,7 @@ class HashMemo:
         try:
             with open(self._path(st), encoding="utf-8") as f:
                 record = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(record, dict) or record.get("version") != self._version(st):
             return None

@@ -160,8 +160,13 @@ class _Lookahead:
                 _check_expected(job.local_path, looked_up, self._expect)
             self.oid = looked_up.blake3
             final = store.object_path(job.kind, looked_up.blake3)
-            with backend_errors(store.backend, f"storing {final}"):
-                self.found = store._lookup(job.kind, looked_up, final, self._how)
+            try:
+                with backend_errors(store.backend, f"storing {final}"):
+                    self.found = store._lookup(job.kind, looked_up, final, self._how)
+            except Exception:
+                if self.hint is None:
+                    raise
+                self.found = None  # a hint only: the put looks its own hash up once it is sent
         except BaseException as exc:  # raised again by result(), in the caller's thread
             self.error = exc
         finally:
@@ -169,7 +174,7 @@ class _Lookahead:
 
     def stops_upload(self) -> bool:
         """The upload is pointless: a sound object is stored, or this failed."""
-        return self._done.is_set() and (self.error is not None or self.found.sound)
+        return self._done.is_set() and (self.error is not None or (self.found is not None and self.found.sound))
 
     def wait(self) -> None:
         self._done.wait()
@@ -313,6 +318,8 @@ class ArtifactStore:
 
     def __init__(self, backend: Backend, verify_upload: str = "size", verify_existing: str = "size",
                  hash_ahead: bool | str = "auto", hash_memo: HashMemo | None = None):
+        if isinstance(hash_ahead, str) and hash_ahead.lower() in ("true", "false"):  # quoted, or from the environment
+            hash_ahead = hash_ahead.lower() == "true"
         if hash_ahead not in HASH_AHEAD:
             raise ConfigError(f"unknown hash_ahead {hash_ahead!r} (choose from auto, true, false)")
         if verify_upload not in VERIFY_MODES:
@@ -552,6 +559,7 @@ class ArtifactStore:
         with backend_errors(self.backend, f"storing {final}"):
             if found is None:
                 found = self._lookup(job.kind, digest, final, how)
+            self._check_unchanged(job.local_path, job.before)  # the file hashed is the file the put found
             if found.sound and (done := self._deduplicate(job, digest, found, hash_seconds)) is not None:
                 return done
             t1 = time.perf_counter()  # not stored, or a gc removed it meanwhile: send the file
@@ -583,13 +591,16 @@ class ArtifactStore:
             if look is not None:
                 look.wait()
                 if look.stops_upload():
+                    if look.hint is not None and look.oid == digest.blake3:  # found only after the last byte
+                        sent.digest, sent.found, sent.whole = digest, look.found, True
                     raise _Unwanted
                 if look.digest is not None and digest.blake3 != look.digest.blake3:
                     raise IntegrityError(f"{job.local_path} changed while it was being stored; nothing was published")
-            _check_expected(job.local_path, digest, expect_oid)
             self._check_unchanged(job.local_path, job.before)
-            sent.digest = digest
-            if look is not None and look.oid == digest.blake3:
+            _check_expected(job.local_path, digest, expect_oid)
+            # The lookahead's digest where it hashed the file: the same BLAKE3, and its sha256 if asked.
+            sent.digest = look.digest if look is not None and look.digest is not None else digest
+            if look is not None and look.oid == digest.blake3 and look.found is not None:
                 sent.found = look.found
             else:  # looked up only now: no lookahead, or a remembered hash that is stale
                 sent.found = self._lookup(job.kind, digest, self.object_path(job.kind, digest.blake3), how)
