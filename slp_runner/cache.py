@@ -53,7 +53,7 @@ import orjson
 
 from .artifacts import KINDS, ArtifactKind
 from .errors import ArtifactNotFound, IntegrityError, OutputError
-from .hashing import OID_RE, WINDOW, StreamHasher, hash_file, validate_oid
+from .hashing import OID_RE, WINDOW, StreamHasher, file_version, hash_file, validate_oid
 from . import cache_lru
 from .local_output import create_temp_at, ensure_room, human, local_write, temp_name
 from .manifest import utc_now
@@ -148,7 +148,7 @@ class LocalCache:
                 st = os.stat(path)
             except FileNotFoundError:  # evicted meanwhile: fetched again below
                 st = None
-            if st is not None and self._read_record(path) == _stat_key(st):
+            if st is not None and self._read_record(path) == file_version(st):
                 cache_lru.touch(path)
                 return CacheGet(path, oid, st.st_size, True, "stat", time.perf_counter() - t0)
         size = opened = None
@@ -219,7 +219,7 @@ class LocalCache:
     def _validate(self, path: str, oid: str, full_verify: bool) -> str | None:
         """``stat`` or ``rehash`` when the entry is good, None when it is corrupt."""
         st = os.stat(path)
-        if not full_verify and self._read_record(path) == _stat_key(st):
+        if not full_verify and self._read_record(path) == file_version(st):
             return "stat"
         if hash_file(path).blake3 != oid:
             return None
@@ -364,7 +364,7 @@ class LocalCache:
 
     def _write_record(self, path: str, st: os.stat_result, name: str | None = None) -> None:
         """Best effort: without a record (a full disk, say) the next hit re-hashes."""
-        record = {"stat": _stat_key(st), "verified_at": utc_now(), "algorithm": "BLAKE3"}
+        record = {"stat": file_version(st), "verified_at": utc_now(), "algorithm": "BLAKE3"}
         if name is None:
             name = cache_lru.recorded_name(path)  # a re-verified entry keeps what it was called
         if name:
@@ -460,6 +460,3 @@ def _clone_or_copy(s, dst_fd: int) -> None:
             shutil.copyfileobj(s, d, 8 * 1024 * 1024)
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
-    # ctime: any write, chmod or touch moves it, and nothing a user runs can set it back.
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]

@@ -9,8 +9,8 @@ bytes it sent. A record that is stale, edited or unreadable costs time, never a 
 answer; writing one that fails (a read-only or full disk) is not an error either.
 
 One small JSON file per file put, ``<cache_dir>/put-hashes/<device>-<inode>.json``, replaced atomically.
-The ctime is what makes a record specific to one version of the file: every write,
-chmod or ``touch -d`` sets it to the present and no user call sets it back.
+A record holds the file's :func:`~slp_runner.hashing.file_version`, the stat the
+verified cache trusts its entries by.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import json
 import os
 import threading
 
-from .hashing import OID_RE
+from .hashing import OID_RE, file_version
 
 MEMO_DIR = "put-hashes"  # in the cache folder
 
@@ -32,10 +32,6 @@ class HashMemo:
     def _path(self, st: os.stat_result) -> str:
         return os.path.join(self.root, f"{st.st_dev:x}-{st.st_ino:x}.json")
 
-    @staticmethod
-    def _version(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
     def recall(self, st: os.stat_result) -> str | None:
         """The hash remembered for the file with this stat, or None."""
         try:
@@ -43,7 +39,7 @@ class HashMemo:
                 record = json.load(f)
         except (OSError, ValueError, RecursionError):
             return None
-        if not isinstance(record, dict) or record.get("version") != self._version(st):
+        if not isinstance(record, dict) or record.get("version") != file_version(st):
             return None
         oid = record.get("blake3")
         return oid if isinstance(oid, str) and OID_RE.fullmatch(oid) else None
@@ -55,7 +51,7 @@ class HashMemo:
         try:
             os.makedirs(self.root, exist_ok=True)
             with open(tmp, "w", encoding="utf-8") as f:
-                json.dump({"version": self._version(st), "blake3": oid}, f)
+                json.dump({"version": file_version(st), "blake3": oid}, f)
             os.replace(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):

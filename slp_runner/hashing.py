@@ -39,6 +39,13 @@ class FileDigest:
     sha256: str | None = None
 
 
+def file_version(st: os.stat_result) -> list[int]:
+    """What changes whenever a file's bytes do: its size, mtime, ctime and inode. The
+    ctime is what makes it trustworthy: any write, chmod or ``touch -d`` moves it, and
+    nothing a user runs can set it back."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
 class HashingStopped(Exception):
     """``hash_file`` was told to stop before the end: there is no digest."""
 

@@ -38,7 +38,7 @@ from .artifacts import KINDS, MODEL, PROMPTS, ArtifactKind
 from .backends import Backend
 from .errors import ArtifactNotFound, BackendError, ConfigError, InputError, IntegrityError, SlpError
 from .hash_memo import HashMemo
-from .hashing import STREAM_CHUNK, FileDigest, StreamHasher, hash_file, validate_oid
+from .hashing import STREAM_CHUNK, FileDigest, StreamHasher, file_version, hash_file, validate_oid
 from .jsonl import count_prompt_records
 from .redaction import mask_names
 
@@ -167,7 +167,7 @@ class _Lookahead:
                 if self.hint is None:
                     raise
                 self.found = None  # a hint only: the put looks its own hash up once it is sent
-        except BaseException as exc:  # raised again by result(), in the caller's thread
+        except BaseException as exc:  # raised again by raise_error(), in the caller's thread
             self.error = exc
         finally:
             self._done.set()
@@ -179,11 +179,11 @@ class _Lookahead:
     def wait(self) -> None:
         self._done.wait()
 
-    def result(self) -> _Found:
+    def raise_error(self) -> None:
+        """Raise, in the caller's thread, what this thread failed with (if it did)."""
         self._done.wait()
         if self.error is not None:
             raise self.error
-        return self.found
 
 
 @dataclass
@@ -207,11 +207,6 @@ def check_local_file(local_path: str) -> None:
 def _check_expected(local_path: str, digest: FileDigest, expect_oid: str | None) -> None:
     if expect_oid is not None and digest.blake3 != expect_oid:
         raise InputError(f"{local_path} hashes to {digest.blake3}, not {expect_oid}: it cannot stand for that object")
-
-
-def _version(st: os.stat_result) -> tuple[int, ...]:
-    """What changes whenever a file's bytes do (any write sets the ctime; nothing sets it back)."""
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _late_destination(backend: Backend) -> bool:
@@ -531,7 +526,7 @@ class ArtifactStore:
         try:
             seconds = self._send_ahead(job, look, sent, how, expect_oid)
             if look is not None and look.stops_upload():
-                look.result()  # its error, if it had one: hashing, the expected hash, the lookup
+                look.raise_error()  # hashing, the expected hash or the lookup failed, if it stopped for that
         except BaseException:
             if look is not None:
                 look.cancel()
@@ -571,7 +566,7 @@ class ArtifactStore:
         if self.hash_memo is None:
             return
         with contextlib.suppress(OSError):
-            if _version(os.stat(job.local_path)) == _version(job.before):
+            if file_version(os.stat(job.local_path)) == file_version(job.before):
                 self.hash_memo.remember(job.before, oid)
 
     def _send_ahead(self, job: _Put, look: _Lookahead | None, sent: _Sent, how: str,
@@ -768,7 +763,7 @@ class ArtifactStore:
         return self.backend.path(INCOMING, f"{oid}.{uuid.uuid4().hex}.part")
 
     def _check_unchanged(self, local_path: str, before: os.stat_result) -> None:
-        if _version(os.stat(local_path)) != _version(before):
+        if file_version(os.stat(local_path)) != file_version(before):
             raise IntegrityError(f"{local_path} changed while it was being stored; nothing was published")
 
     def _verify_stored(self, path: str, digest: FileDigest) -> str:
