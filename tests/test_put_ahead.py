@@ -160,6 +160,26 @@ def test_file_changed_during_put_publishes_nothing(name, ahead, seaweed, tmp_pat
         assert list(uploads_in_progress(backend.fs, backend.root)) == []
 
 
+@pytest.mark.parametrize("name,ahead", [("seaweedfs", True), ("seaweedfs", False), ("s3", "auto")])
+def test_file_cut_short_during_put_fails_at_once_and_publishes_nothing(name, ahead, seaweed, tmp_path):
+    # Before: the filer waited for the bytes its Content-Length promised until its read
+    # timeout (20 s), then answered "500 ... i/o timeout", which named neither the file
+    # nor the cause.
+    backend = make_backend(name, seaweed, tmp_path)
+    store = ArtifactStore(backend, hash_ahead=ahead)
+    path = write_blob(tmp_path / "shrinking.bin", 40 * MiB)
+
+    def cut_short():
+        if ahead is True:
+            lookahead_done()  # the bytes are known: the cut is seen by the upload, not the hash
+        os.truncate(path, 5 * MiB)
+
+    with pytest.raises(IntegrityError, match=r"shrinking\.bin changed while it was being stored.*nothing was published"):
+        store.put(path, BLOB, callback=OnFirstBlock(cut_short))
+    assert listing(backend) == []
+    if name == "seaweedfs":
+        assert incoming(store) == []  # the cut PUT made no entry
+
 def test_put_of_a_file_not_matching_its_expected_hash_stops_and_keeps_nothing(filer_store, big):
     with pytest.raises(InputError, match="hashes to .*, not 0{64}"):
         filer_store.put(big, BLOB, expect_oid="0" * 64, callback=OnFirstBlock(lookahead_done))
