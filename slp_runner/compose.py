@@ -221,7 +221,7 @@ def keepable(container: Any, overrides: list[str], argv: list[str] | None = None
 
 def save(path: str, container: dict, overrides: list[str]) -> None:
     """Write the entry atomically; a cache that cannot be written is only skipped."""
-    from .local_output import temp_name
+    from .local_output import keep_newest, temp_name
 
     folder = os.path.dirname(path)
     tmp = None
@@ -237,7 +237,7 @@ def save(path: str, container: dict, overrides: list[str]) -> None:
             f.write(doc)
         os.replace(tmp, path)
         tmp = None
-        _prune(folder)
+        keep_newest(folder, _ENTRY, ".compose-", KEEP)
     except (OSError, TypeError, ValueError, AttributeError, pickle.PicklingError):  # what cannot be written
         pass
     finally:
@@ -247,24 +247,6 @@ def save(path: str, container: dict, overrides: list[str]) -> None:
 
 
 _ENTRY = re.compile(r"[0-9a-f]{64}\.json")
-
-
-def _prune(folder: str) -> None:
-    """Keep the KEEP most recently used entries; only files this module names are
-    touched (entries, and temporary files a killed write left over an hour ago)."""
-    import time
-
-    entries = []
-    for name in os.listdir(folder):
-        with contextlib.suppress(OSError):
-            mtime = os.stat(os.path.join(folder, name)).st_mtime_ns
-            if _ENTRY.fullmatch(name):
-                entries.append((mtime, name))
-            elif name.startswith(".compose-") and mtime < (time.time() - 3600) * 1e9:
-                os.unlink(os.path.join(folder, name))
-    for _, name in sorted(entries)[:-KEEP]:
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(folder, name))
 
 
 def _as_config(container):

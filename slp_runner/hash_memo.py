@@ -10,7 +10,8 @@ answer; writing one that fails (a read-only or full disk) is not an error either
 
 One small JSON file per file put, ``<cache_dir>/put-hashes/<device>-<inode>.json``, replaced atomically.
 A record holds the file's :func:`~slp_runner.hashing.file_version`, the stat the
-verified cache trusts its entries by.
+verified cache trusts its entries by. The KEEP most recently written are kept (each
+write rewrites its record), and what a killed write left is removed after an hour.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
+import re
 
 from .hashing import OID_RE, file_version
 
 MEMO_DIR = "put-hashes"  # in the cache folder
+KEEP = 4096  # records, about 16 MiB of disk blocks at most; the oldest go first
+_RECORD = re.compile(r"[0-9a-f]+-[0-9a-f]+\.json")
+_TEMP = ".memo-"
 
 
 class HashMemo:
@@ -46,13 +50,15 @@ class HashMemo:
 
     def remember(self, st: os.stat_result, oid: str) -> None:
         """Record that the file with this stat hashed to ``oid`` (best effort)."""
-        path = self._path(st)
-        tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
+        from .local_output import keep_newest, temp_name
+
+        tmp = temp_name(self.root, _TEMP)
         try:
             os.makedirs(self.root, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open(tmp, "x", encoding="utf-8") as f:
                 json.dump({"version": file_version(st), "blake3": oid}, f)
-            os.replace(tmp, path)
+            os.replace(tmp, self._path(st))
+            keep_newest(self.root, _RECORD, _TEMP, KEEP)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

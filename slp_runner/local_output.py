@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 from typing import Iterator
 
@@ -67,6 +68,32 @@ def temp_name(folder: str, prefix: str, suffix: str = ".part") -> str:
     import uuid
 
     return os.path.join(folder, f"{prefix}{uuid.uuid4().hex[:12]}{suffix}")
+
+
+def keep_newest(folder: str, entry: re.Pattern, temp_prefix: str, keep: int) -> None:
+    """Keep the ``keep`` most recently written entries of a folder of small records (a
+    cache of this program's own): only names ``entry`` matches are removed, and the
+    temporary files (``temp_prefix``) a killed write left over an hour ago. Costs one
+    listing while the folder holds no more than that."""
+    import time
+
+    names = os.listdir(folder)
+    temps = {n for n in names if n.startswith(temp_prefix)}
+    entries = [n for n in names if entry.fullmatch(n)]
+    if len(entries) <= keep and not temps:
+        return
+    dated = []
+    for name in [*entries, *temps]:
+        with contextlib.suppress(OSError):
+            mtime = os.stat(os.path.join(folder, name)).st_mtime_ns
+            if name in temps:
+                if mtime < (time.time() - 3600) * 1e9:
+                    os.unlink(os.path.join(folder, name))
+            else:
+                dated.append((mtime, name))
+    for _, name in sorted(dated)[:-keep]:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, name))
 
 
 def create_temp_at(path: str) -> int:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -276,15 +277,20 @@ def test_a_fifo_in_place_of_an_entry_does_not_block(env):
     assert got.returncode == 0, got.stderr
 
 
-def test_prune_touches_only_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(compose, "KEEP", 3)
+def test_prune_touches_only_entries(tmp_path):
+    from slp_runner.local_output import keep_newest
+
     for i in range(5):
         (tmp_path / f"{i:064x}.json").write_text("{}")
         os.utime(tmp_path / f"{i:064x}.json", (1000 + i, 1000 + i))
     (tmp_path / "mydata.json").write_text("{}")
     os.utime(tmp_path / "mydata.json", (1, 1))
-    compose._prune(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["mydata.json"] + [f"{i:064x}.json" for i in (2, 3, 4)])
+    (tmp_path / ".compose-killed.part").write_text("{")  # a write killed two hours ago
+    os.utime(tmp_path / ".compose-killed.part", (time.time() - 7200,) * 2)
+    (tmp_path / ".compose-writing.part").write_text("{")  # one being written now
+    keep_newest(str(tmp_path), compose._ENTRY, ".compose-", 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".compose-writing.part", "mydata.json"] + [f"{i:064x}.json" for i in (2, 3, 4)])
 
 
 def test_placeholder_text_typed_is_taken_as_typed(env):

@@ -362,6 +362,30 @@ def test_a_memo_that_cannot_be_read_or_written_is_no_error(seaweed, tmp_path, bi
     assert not again.uploaded and again.sent_anyway and again.oid == put.oid  # found after the upload
 
 
+def test_the_memo_keeps_its_newest_records_and_sweeps_killed_writes(tmp_path, monkeypatch):
+    import slp_runner.hash_memo as hash_memo
+
+    monkeypatch.setattr(hash_memo, "KEEP", 3)
+    memo = HashMemo(str(tmp_path / "memo"))
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(b"x" * i)
+    for i in range(5):
+        memo.remember(os.stat(files[i]), f"{i:064x}")
+        os.utime(_memo_record(tmp_path / "memo", files[i]), (1000 + i, 1000 + i))
+    assert [memo.recall(os.stat(f)) is not None for f in files] == [False, False, True, True, True, False]
+    killed = tmp_path / "memo" / ".memo-killed.part"  # what a put killed mid-write left
+    killed.write_text('{"vers')
+    os.utime(killed, (time.time() - 7200,) * 2)
+
+    memo.remember(os.stat(files[2]), f"{2:064x}")  # put again: now the newest
+    memo.remember(os.stat(files[5]), f"{5:064x}")
+    assert [memo.recall(os.stat(f)) for f in files] == [None, None, f"{2:064x}", None, f"{4:064x}", f"{5:064x}"]
+    assert not killed.exists()
+    assert len(os.listdir(tmp_path / "memo")) == 3
+
+
 def test_a_file_not_matching_its_expected_hash_is_refused_after_one_read(once_store, big):
     with pytest.raises(InputError, match="hashes to .*, not 0{64}"):
         once_store.put(big, BLOB, expect_oid="0" * 64)

@@ -5,7 +5,7 @@ process, and the ``cli_*`` operations as whole ``slp`` processes (:mod:`.cli_ops
 Test data is generated before any timing; each iteration of an upload gets fresh
 bytes (16 random bytes rewritten at the head of the file, outside the timer) so
 that nothing is deduplicated. Iterations alternate slp and the reference tool so
-that drift in the machine affects both alike.
+that drift in the machine affects both alike, each going first every other iteration.
 """
 
 from __future__ import annotations
@@ -207,51 +207,18 @@ def _measure(op, store, data, size, iterations, warmup, reference, work, min_sec
             # More only while slp works: a failing one is not timed again and again.
             if record and ours.runs() >= iterations and (sum(ours.seconds) >= min_seconds or ours.errors):
                 break
-            if op == "upload":
-                refresh_head(data)
-                puts = []
-                ours.measure(lambda: puts.append(store.put(data, BLOB)), record)
-                for put in puts:
-                    cleanup(put.oid)
-                if ref:
-                    ref.measure(lambda: ref_tool.upload(data), record)
-            elif op == "download":
-                cache = fresh_cache()
-                ours.measure(lambda: cache.get(store, BLOB, stored_oid), record)
-                shutil.rmtree(cache.root, ignore_errors=True)
-                dest = os.path.join(work, "ref.out")
-                if ref:
-                    ref.measure(lambda: ref_tool.download(dest), record)
-                if os.path.exists(dest):
-                    os.unlink(dest)
-            elif op == "roundtrip":
-                refresh_head(data)
-                cache = fresh_cache()
-
-                def roundtrip():
-                    oid = store.put(data, BLOB).oid
-                    try:
-                        cache.get(store, BLOB, oid)  # streamed, hashed and checked on the way
-                    finally:
-                        cleanup(oid)
-
-                ours.measure(roundtrip, record)
-                shutil.rmtree(cache.root, ignore_errors=True)
-                dest = os.path.join(work, "ref.out")
-                if ref:
-                    ref.measure(lambda: ref_tool.upload(data) + ref_tool.download(dest), record)
-                if os.path.exists(dest):
-                    os.unlink(dest)
-            elif op == "hash":
-                ours.measure(lambda: hash_file(data), record)
-                if ref:
-                    ref.measure(lambda: b3sum_seconds(data), record)
-            elif op == "cache":
-                # one cold get, then warm gets of the same artifact (stat-validated hits)
-                if cold is None:
+            if op == "cache":
+                if cold is None:  # one cold get, then warm gets of the same artifact (stat-validated hits)
                     cold = Series("slp cold get (download)", size)
                     cold.measure(lambda: warm_cache.get(store, BLOB, stored_oid), True)
-                ours.measure(lambda: warm_cache.get(store, BLOB, stored_oid), record)
+                steps = [lambda: ours.measure(lambda: warm_cache.get(store, BLOB, stored_oid), record)]
+            else:
+                steps = _steps(op, store, data, stored_oid, ours, ref, ref_tool, record, work, fresh_cache, cleanup)
+            # Each tool goes first every other iteration: what one leaves the server busy
+            # with (a filer deleting the chunks of the file just removed or overwritten)
+            # falls on both alike.
+            for step in steps if i % 2 == 0 else steps[::-1]:
+                step()
         if op == "cache":
             ours.tool = "slp warm get (stat-validated hit)"
             ref = cold  # the ratio is then the speed-up of a warm get over a cold one
@@ -262,3 +229,53 @@ def _measure(op, store, data, size, iterations, warmup, reference, work, min_sec
             with contextlib.suppress(Exception):
                 ref_tool.cleanup()
     return ours, ref
+
+
+def _steps(op, store, data, stored_oid, ours, ref, ref_tool, record, work, fresh_cache, cleanup) -> list[Callable[[], None]]:
+    """One iteration of ``op``: slp's timed step, then the reference's (if any), each
+    with its own untimed set-up and clean-up."""
+
+    def upload() -> None:
+        refresh_head(data)  # new bytes: nothing is deduplicated
+        puts = []
+        ours.measure(lambda: puts.append(store.put(data, BLOB)), record)
+        for put in puts:
+            cleanup(put.oid)
+
+    def download() -> None:
+        cache = fresh_cache()
+        ours.measure(lambda: cache.get(store, BLOB, stored_oid), record)
+        shutil.rmtree(cache.root, ignore_errors=True)
+
+    def roundtrip() -> None:
+        refresh_head(data)
+        cache = fresh_cache()
+
+        def put_then_get():
+            oid = store.put(data, BLOB).oid
+            try:
+                cache.get(store, BLOB, oid)  # streamed, hashed and checked on the way
+            finally:
+                cleanup(oid)
+
+        ours.measure(put_then_get, record)
+        shutil.rmtree(cache.root, ignore_errors=True)
+
+    def reference(fn: Callable[[str], float], needs_fresh: bool) -> Callable[[], None]:
+        def step() -> None:
+            if needs_fresh:
+                refresh_head(data)
+            dest = os.path.join(work, "ref.out")
+            ref.measure(lambda: fn(dest), record)
+            if os.path.exists(dest):
+                os.unlink(dest)
+        return step
+
+    if op == "hash":
+        steps = [lambda: ours.measure(lambda: hash_file(data), record)]
+        return steps + ([lambda: ref.measure(lambda: b3sum_seconds(data), record)] if ref else [])
+    mine = {"upload": upload, "download": download, "roundtrip": roundtrip}[op]
+    refs = {"upload": lambda dest: ref_tool.upload(data),
+            "download": lambda dest: ref_tool.download(dest),
+            "roundtrip": lambda dest: ref_tool.upload(data) + ref_tool.download(dest)}
+    return [mine] + ([reference(refs[op], op != "download")] if ref else [])
