@@ -187,3 +187,16 @@ def test_in_process_ops_run_until_min_seconds_within_max_iterations(tmp_path):
     capped = run_storage_bench(store, op="upload", size_mb=1, iterations=2, warmup=0, workdir=str(tmp_path),
                                min_seconds=60, max_iterations=4)
     assert capped["iterations"] == 4
+
+
+def test_each_tool_takes_every_place_in_turn():
+    # Whoever runs after another pays for what it left the server doing (a filer deleting
+    # a 1 GiB file's chunks): over len(steps) iterations each step is first, second, ... once.
+    from slp_runner.bench.storage import in_turn
+
+    for steps in (["slp", "curl"], ["slp", "slp alone", "curl"]):
+        orders = [in_turn(steps, i) for i in range(len(steps))]
+        assert all(sorted(order) == sorted(steps) for order in orders)
+        for place in range(len(steps)):
+            assert sorted(order[place] for order in orders) == sorted(steps)
+    assert in_turn([], 3) == []

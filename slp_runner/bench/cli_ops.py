@@ -48,7 +48,7 @@ from ..redaction import strip_url_password
 from ..stats import percentile
 from ..store import ArtifactStore
 from .references import reference_for
-from .storage import ProcessUsage, Series, refresh_head
+from .storage import ProcessUsage, Series, in_turn, refresh_head
 
 # Overrides a job passes on to its slp processes: those that change what a get, put or
 # ls does. Anything else the job was given (bench.*, runner.*, hydra.sweep.*) is its own.
@@ -218,38 +218,49 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
         dest = os.path.join(work, "ref.out")
         for i in range(warmup + iterations):
             record = i >= warmup
+            steps = []
             if op == "cli_get":
                 task = ["task=get", f"hash={stored_oid}"]
-                ours.measure(lambda: run_slp(*task), record)
-                alone.measure(lambda: run_slp(*task, own_process=True), record)
+                steps = [lambda: ours.measure(lambda: run_slp(*task), record),
+                         lambda: alone.measure(lambda: run_slp(*task, own_process=True), record)]
                 if ref_tool:
-                    argv = ref_tool.download_command(dest)
-                    ref.measure(lambda: run_process(argv, env, work), record)
-                    ref_command = argv
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(dest)
+                    ref_command = ref_tool.download_command(dest)
+
+                    def download() -> None:
+                        ref.measure(lambda: run_process(ref_command, env, work), record)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(dest)
+                    steps.append(download)
             elif op == "cli_put":
-                refresh_head(data)
-                task, got = ["task=put", "kind=blob", f"path={data}"], []
-                ours.measure(lambda: got.append(run_slp(*task)) or got[-1], record)
-                refresh_head(data)
-                alone.measure(lambda: got.append(run_slp(*task, own_process=True)) or got[-1], record)
-                for usage in got:
-                    found = PUT_HASH_RE.search(usage.stdout)
-                    cleanup(found.group(1) if found else hash_file(data).blake3)
+                task = ["task=put", "kind=blob", f"path={data}"]
+
+                def put(series: Series, own_process: bool) -> None:
+                    refresh_head(data)  # new bytes: nothing is deduplicated
+                    got = []
+                    series.measure(lambda: got.append(run_slp(*task, own_process=own_process)) or got[-1], record)
+                    for usage in got:
+                        found = PUT_HASH_RE.search(usage.stdout)
+                        cleanup(found.group(1) if found else hash_file(data).blake3)
+                steps = [lambda: put(ours, False), lambda: put(alone, True)]
                 if ref_tool:
-                    argv = ref_tool.upload_command(data)
-                    ref.measure(lambda: run_process(argv, env, work), record)
-                    ref_command = argv
+                    ref_command = ref_tool.upload_command(data)
+
+                    def upload() -> None:
+                        refresh_head(data)
+                        ref.measure(lambda: run_process(ref_command, env, work), record)
+                    steps.append(upload)
             else:
                 task = ["task=get", f"hash={stored_oid}"] if op == "cli_hit" else ["task=ls"]
                 cache = os.path.join(work, "cache-warm") if op == "cli_hit" else None
-                ours.measure(lambda: run_slp(*task, cache=cache), record)
-                alone.measure(lambda: run_slp(*task, cache=cache, own_process=True), record)
+                steps = [lambda: ours.measure(lambda: run_slp(*task, cache=cache), record),
+                         lambda: alone.measure(lambda: run_slp(*task, cache=cache, own_process=True), record)]
                 if ref is not None:
                     ref_command = [sys.executable, "-c", "import hydra"]
-                    ref.measure(lambda: run_process(ref_command, env, work), record)
-                    floor.measure(lambda: run_process([sys.executable, "-c", "pass"], env, work), record)
+                    steps += [lambda: ref.measure(lambda: run_process(ref_command, env, work), record),
+                              lambda: floor.measure(lambda: run_process([sys.executable, "-c", "pass"], env, work),
+                                                    record)]
+            for step in in_turn(steps, i):
+                step()
     finally:
         if server_dir:
             with contextlib.suppress(Exception):

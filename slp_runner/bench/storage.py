@@ -214,10 +214,7 @@ def _measure(op, store, data, size, iterations, warmup, reference, work, min_sec
                 steps = [lambda: ours.measure(lambda: warm_cache.get(store, BLOB, stored_oid), record)]
             else:
                 steps = _steps(op, store, data, stored_oid, ours, ref, ref_tool, record, work, fresh_cache, cleanup)
-            # Each tool goes first every other iteration: what one leaves the server busy
-            # with (a filer deleting the chunks of the file just removed or overwritten)
-            # falls on both alike.
-            for step in steps if i % 2 == 0 else steps[::-1]:
+            for step in in_turn(steps, i):
                 step()
         if op == "cache":
             ours.tool = "slp warm get (stat-validated hit)"
@@ -229,6 +226,15 @@ def _measure(op, store, data, size, iterations, warmup, reference, work, min_sec
             with contextlib.suppress(Exception):
                 ref_tool.cleanup()
     return ours, ref
+
+
+def in_turn(steps: list, i: int) -> list:
+    """The steps of iteration ``i``, each tool first in turn: whoever runs after another
+    pays for what it left the server busy with (a filer deleting the chunks of a 1 GiB
+    file just removed or overwritten made the next upload about 500 ms slower, whichever
+    tool sent it), so each takes every place equally often."""
+    k = i % len(steps) if steps else 0
+    return steps[k:] + steps[:k]
 
 
 def _steps(op, store, data, stored_oid, ours, ref, ref_tool, record, work, fresh_cache, cleanup) -> list[Callable[[], None]]:
