@@ -262,6 +262,10 @@ def backend_errors(backend: Backend, what: str | Callable[[], str]) -> Iterator[
                            f"check the credentials it is given") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's, not imported
+            raise BackendError(f"{backend.name} backend at {backend.location} has no credentials ({_said(what)}): "
+                               f"{msg}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile "
+                               f"(~/.aws/credentials)") from exc
         if "connect" in msg.lower() or "endpoint" in msg.lower():
             raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} "
                                f"({_said(what)})") from exc

@@ -76,6 +76,23 @@ def test_s3_credentials_never_printed(env, seaweed, small_file):
         assert seaweed.secret_key not in text and "wrong-secret-do-not-print" not in text
 
 
+
+def test_s3_without_credentials_says_so_and_how_to_give_them(env, seaweed, small_file, tmp_path):
+    # Before: "s3 backend at ...: storing ... failed: Unable to locate credentials", which
+    # said what was missing but not where slp looks for it.
+    for name in [n for n in env if n.startswith("AWS_")]:
+        del env[name]
+    env["HOME"] = str(tmp_path / "home")  # no ~/.aws either
+    backend = ["backend=s3", f"backend.endpoint_url={seaweed.s3_url}", "backend.bucket=cli-test"]
+    for task in (["task=put", "kind=blob", f"path={small_file}"], ["task=ls"]):
+        got = slp(env, *task, *backend)
+        line = got.stderr.strip()
+        assert got.returncode != 0
+        assert "\n" not in line and line.startswith(f"slp: error: s3 backend at {seaweed.s3_url}/cli-test has no "
+                                                     "credentials ("), line
+        assert line.endswith("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile (~/.aws/credentials)")
+
+
 BAD_INPUTS = [
     (["task=get_model", "hash=../../etc/passwd"], r"invalid reference '../../etc/passwd'"),
     (["task=get_model", "hash=" + "A" * 64], "no model with hash " + "a" * 64),  # hex in capitals: the same hash
