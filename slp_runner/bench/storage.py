@@ -79,8 +79,8 @@ class ProcessUsage:
 
 
 class Series:
-    """Timings of one tool: seconds per successful iteration, errors by type; for a
-    tool run as a process, the peak RSS of each recorded run (``rss_mib``)."""
+    """Timings of one tool: seconds per successful iteration, errors by type, and the
+    peak RSS of each recorded run (``rss_mib``): the process's, for a tool run as one."""
 
     def __init__(self, tool: str, size: int):
         self.tool, self.size = tool, size
@@ -92,8 +92,11 @@ class Series:
     def measure(self, fn: Callable[[], object], record: bool) -> None:
         """Time ``fn`` (wall clock); keep the time only for a recorded iteration. When
         ``fn`` returns a :class:`ProcessUsage` (:func:`.cli_ops.run_process`), its own
-        time and peak RSS."""
+        time and peak RSS; otherwise this process's peak RSS while ``fn`` ran (the peak is
+        reset first: a reference run in this process, boto3's transfer manager, is not
+        counted as slp's)."""
         try:
+            reset_peak_rss()
             t0 = time.perf_counter()
             got = fn()
             took = time.perf_counter() - t0
@@ -106,6 +109,8 @@ class Series:
             if isinstance(got, ProcessUsage):  # spawn to exit, without opening its output files
                 took = got.seconds
                 self.rss_mib.append(got.peak_rss_mib)
+            elif (peak := peak_rss_mib()) is not None:
+                self.rss_mib.append(peak)
             self.seconds.append(took)
 
     def runs(self) -> int:
@@ -174,8 +179,8 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
         if op in CLI_OPS:  # what a user's slp process holds, not this job's (which only waits for it)
             metrics["peak_rss_mib"] = metrics["slp"].get("peak_rss_mib")
             metrics["job_peak_rss_mib"] = peak_rss_mib()
-        else:
-            metrics["peak_rss_mib"] = peak_rss_mib()
+        else:  # slp's steps' (the reference's, in this process too, apart)
+            metrics["peak_rss_mib"] = metrics["slp"].get("peak_rss_mib", peak_rss_mib())
         return metrics
     finally:
         shutil.rmtree(work, ignore_errors=True)
