@@ -237,7 +237,7 @@ def save(path: str, container: dict, overrides: list[str]) -> None:
             f.write(doc)
         os.replace(tmp, path)
         tmp = None
-        keep_newest(folder, _ENTRY, ".compose-", KEEP)
+        keep_newest(folder, _ENTRY, _TEMP, KEEP)
     except (OSError, TypeError, ValueError, AttributeError, pickle.PicklingError):  # what cannot be written
         pass
     finally:
@@ -247,6 +247,7 @@ def save(path: str, container: dict, overrides: list[str]) -> None:
 
 
 _ENTRY = re.compile(r"[0-9a-f]{64}\.json")
+_TEMP = re.compile(r"\.compose-.*")
 
 
 def _as_config(container):

@@ -25,7 +25,9 @@ non-zero without a traceback::
 
 Backend modules raise built-in ``OSError`` subclasses, as fsspec filesystems do;
 the store turns those into the errors above at its edge (:func:`one_line` for a
-library's message that spans several lines).
+library's message that spans several lines). One exception: the filer's upload
+raises IntegrityError from inside the request body when the local file is cut short
+(an OSError there would be taken by urllib3 for a dropped connection and retried).
 """
 
 from __future__ import annotations

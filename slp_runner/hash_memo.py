@@ -10,8 +10,8 @@ answer; writing one that fails (a read-only or full disk) is not an error either
 
 One small JSON file per file put, ``<cache_dir>/put-hashes/<device>-<inode>.json``, replaced atomically.
 A record holds the file's :func:`~slp_runner.hashing.file_version`, the stat the
-verified cache trusts its entries by. The KEEP most recently written are kept (each
-write rewrites its record), and what a killed write left is removed after an hour.
+verified cache trusts its entries by. At most KEEP are kept, the most recently
+written (each put rewrites its record), and what a killed write left goes after an hour.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ MEMO_DIR = "put-hashes"  # in the cache folder
 KEEP = 4096  # records, about 16 MiB of disk blocks at most; the oldest go first
 _RECORD = re.compile(r"[0-9a-f]+-[0-9a-f]+\.json")
 _TEMP = ".memo-"
+# Temporary files: this module's, and those of its first version (<record>.<pid>-<thread>.tmp).
+_TEMPS = re.compile(r"\.memo-.*|[0-9a-f]+-[0-9a-f]+\.json\.[0-9]+-[0-9]+\.tmp")
 
 
 class HashMemo:
@@ -58,7 +60,7 @@ class HashMemo:
             with open(tmp, "x", encoding="utf-8") as f:
                 json.dump({"version": file_version(st), "blake3": oid}, f)
             os.replace(tmp, self._path(st))
-            keep_newest(self.root, _RECORD, _TEMP, KEEP)
+            keep_newest(self.root, _RECORD, _TEMPS, KEEP)
         except OSError:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

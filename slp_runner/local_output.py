@@ -70,28 +70,30 @@ def temp_name(folder: str, prefix: str, suffix: str = ".part") -> str:
     return os.path.join(folder, f"{prefix}{uuid.uuid4().hex[:12]}{suffix}")
 
 
-def keep_newest(folder: str, entry: re.Pattern, temp_prefix: str, keep: int) -> None:
-    """Keep the ``keep`` most recently written entries of a folder of small records (a
-    cache of this program's own): only names ``entry`` matches are removed, and the
-    temporary files (``temp_prefix``) a killed write left over an hour ago. Costs one
-    listing while the folder holds no more than that."""
+def keep_newest(folder: str, entry: re.Pattern, temp: re.Pattern, keep: int) -> None:
+    """Bound a folder of small records (a cache of this program's own) to ``keep``
+    entries: past that, the least recently written or used go, down to ``keep`` less an
+    eighth, so that the next writes find room and cost one listing each. Only names
+    ``entry`` matches are removed, and temporary files (``temp``) a killed write left
+    over an hour ago; anything else in the folder is left alone. ``keep=0`` empties it."""
     import time
 
     names = os.listdir(folder)
-    temps = {n for n in names if n.startswith(temp_prefix)}
     entries = [n for n in names if entry.fullmatch(n)]
-    if len(entries) <= keep and not temps:
+    old = (time.time() - 3600) * 1e9
+    for name in names:
+        if temp.fullmatch(name):
+            with contextlib.suppress(OSError):
+                if os.stat(os.path.join(folder, name)).st_mtime_ns < old:
+                    os.unlink(os.path.join(folder, name))
+    if len(entries) <= keep:
         return
     dated = []
-    for name in [*entries, *temps]:
+    for name in entries:
         with contextlib.suppress(OSError):
-            mtime = os.stat(os.path.join(folder, name)).st_mtime_ns
-            if name in temps:
-                if mtime < (time.time() - 3600) * 1e9:
-                    os.unlink(os.path.join(folder, name))
-            else:
-                dated.append((mtime, name))
-    for _, name in sorted(dated)[:-keep]:
+            dated.append((os.stat(os.path.join(folder, name)).st_mtime_ns, name))
+    dated.sort()
+    for _, name in dated[:max(0, len(dated) - (keep - keep // 8))]:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(folder, name))
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import threading
 import time
 import uuid
@@ -262,7 +263,7 @@ def backend_errors(backend: Backend, what: str | Callable[[], str]) -> Iterator[
                            f"check the credentials it is given") from exc
     except Exception as exc:  # botocore, aiohttp and requests errors are not all OSErrors
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):  # botocore's, not imported
+        if _no_credentials(exc):
             raise BackendError(f"{backend.name} backend at {backend.location} has no credentials ({_said(what)}): "
                                f"{msg}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or an AWS profile "
                                f"(~/.aws/credentials)") from exc
@@ -270,6 +271,12 @@ def backend_errors(backend: Backend, what: str | Callable[[], str]) -> Iterator[
             raise BackendError(f"{backend.name} backend unreachable at {backend.location}{tried(exc)} "
                                f"({_said(what)})") from exc
         raise BackendError(f"{backend.name} backend at {backend.location}: {_said(what)} failed: {msg}") from exc
+
+
+def _no_credentials(exc: BaseException) -> bool:
+    """botocore found no credentials (or half of them); botocore is not imported for it."""
+    errors = sys.modules.get("botocore.exceptions")
+    return errors is not None and isinstance(exc, (errors.NoCredentialsError, errors.PartialCredentialsError))
 
 
 def _said(what: str | Callable[[], str]) -> str:

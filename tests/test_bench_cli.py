@@ -182,8 +182,12 @@ def test_in_process_ops_run_until_min_seconds_within_max_iterations(tmp_path):
                                min_seconds=0.05, max_iterations=400)
     ran = longer["slp"]["iterations_ms"]
     assert longer["iterations"] == len(ran) and len(longer["reference"]["iterations_ms"]) == len(ran)
-    # stopped at the first iteration that reached 50 ms in all (the times are rounded to 1 us)
-    assert sum(ran) >= 50 - 0.01 * len(ran) and sum(ran[:-1]) < 50 + 0.01 * len(ran)
+    # stopped at the first whole round of turns (slp first, then the reference first)
+    # that reached 50 ms in all (the times are rounded to 1 us)
+    assert len(ran) % 2 == 0
+    assert sum(ran) >= 50 - 0.01 * len(ran) and sum(ran[:-2]) < 50 + 0.01 * len(ran)
+    odd = run_storage_bench(store, op="upload", size_mb=1, iterations=3, warmup=1, workdir=str(tmp_path))
+    assert odd["iterations"] == 4 == len(odd["reference"]["iterations_ms"])  # each went first twice
     capped = run_storage_bench(store, op="upload", size_mb=1, iterations=2, warmup=0, workdir=str(tmp_path),
                                min_seconds=60, max_iterations=4)
     assert capped["iterations"] == 4

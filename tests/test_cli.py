@@ -76,13 +76,13 @@ def test_s3_credentials_never_printed(env, seaweed, small_file):
         assert seaweed.secret_key not in text and "wrong-secret-do-not-print" not in text
 
 
-
 def test_s3_without_credentials_says_so_and_how_to_give_them(env, seaweed, small_file, tmp_path):
     # Before: "s3 backend at ...: storing ... failed: Unable to locate credentials", which
     # said what was missing but not where slp looks for it.
     for name in [n for n in env if n.startswith("AWS_")]:
         del env[name]
     env["HOME"] = str(tmp_path / "home")  # no ~/.aws either
+    env["AWS_EC2_METADATA_DISABLED"] = "true"  # nor an instance role, on a cloud machine
     backend = ["backend=s3", f"backend.endpoint_url={seaweed.s3_url}", "backend.bucket=cli-test"]
     for task in (["task=put", "kind=blob", f"path={small_file}"], ["task=ls"]):
         got = slp(env, *task, *backend)

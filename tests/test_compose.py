@@ -288,9 +288,16 @@ def test_prune_touches_only_entries(tmp_path):
     (tmp_path / ".compose-killed.part").write_text("{")  # a write killed two hours ago
     os.utime(tmp_path / ".compose-killed.part", (time.time() - 7200,) * 2)
     (tmp_path / ".compose-writing.part").write_text("{")  # one being written now
-    keep_newest(str(tmp_path), compose._ENTRY, ".compose-", 3)
+    keep_newest(str(tmp_path), compose._ENTRY, compose._TEMP, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [".compose-writing.part", "mydata.json"] + [f"{i:064x}.json" for i in (2, 3, 4)])
+    for i in range(5, 16):  # past the bound: down to an eighth less, not one at a time
+        (tmp_path / f"{i:064x}.json").write_text("{}")
+        os.utime(tmp_path / f"{i:064x}.json", (1000 + i, 1000 + i))
+    keep_newest(str(tmp_path), compose._ENTRY, compose._TEMP, 8)
+    assert sorted(p.name for p in tmp_path.glob("0*.json")) == [f"{i:064x}.json" for i in range(9, 16)]
+    keep_newest(str(tmp_path), compose._ENTRY, compose._TEMP, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".compose-writing.part", "mydata.json"]
 
 
 def test_placeholder_text_typed_is_taken_as_typed(env):

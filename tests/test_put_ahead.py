@@ -180,6 +180,7 @@ def test_file_cut_short_during_put_fails_at_once_and_publishes_nothing(name, ahe
     if name == "seaweedfs":
         assert incoming(store) == []  # the cut PUT made no entry
 
+
 def test_put_of_a_file_not_matching_its_expected_hash_stops_and_keeps_nothing(filer_store, big):
     with pytest.raises(InputError, match="hashes to .*, not 0{64}"):
         filer_store.put(big, BLOB, expect_oid="0" * 64, callback=OnFirstBlock(lookahead_done))
@@ -376,13 +377,15 @@ def test_the_memo_keeps_its_newest_records_and_sweeps_killed_writes(tmp_path, mo
         os.utime(_memo_record(tmp_path / "memo", files[i]), (1000 + i, 1000 + i))
     assert [memo.recall(os.stat(f)) is not None for f in files] == [False, False, True, True, True, False]
     killed = tmp_path / "memo" / ".memo-killed.part"  # what a put killed mid-write left
-    killed.write_text('{"vers')
-    os.utime(killed, (time.time() - 7200,) * 2)
+    first = tmp_path / "memo" / f"{os.path.basename(_memo_record(tmp_path / 'memo', files[4]))}.123-456.tmp"
+    for leftover in (killed, first):  # the first version named its temporary files so
+        leftover.write_text('{"vers')
+        os.utime(leftover, (time.time() - 7200,) * 2)
 
     memo.remember(os.stat(files[2]), f"{2:064x}")  # put again: now the newest
     memo.remember(os.stat(files[5]), f"{5:064x}")
     assert [memo.recall(os.stat(f)) for f in files] == [None, None, f"{2:064x}", None, f"{4:064x}", f"{5:064x}"]
-    assert not killed.exists()
+    assert not killed.exists() and not first.exists()
     assert len(os.listdir(tmp_path / "memo")) == 3
 
 

@@ -216,9 +216,11 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
             run_slp("task=get", f"hash={stored_oid}", cache=os.path.join(work, "cache-warm"))  # fills it, untimed
 
         dest = os.path.join(work, "ref.out")
-        for i in range(warmup + iterations):
+        # slp, slp in its own process, the reference and (cli_hit, cli_ls) the floor take
+        # turns: whole rounds, so that each went first as often as the others.
+        turns = 2 + (0 if ref is None else 2 if floor is not None else 1)
+        for i in range(warmup + -(-iterations // turns) * turns):
             record = i >= warmup
-            steps = []
             if op == "cli_get":
                 task = ["task=get", f"hash={stored_oid}"]
                 steps = [lambda: ours.measure(lambda: run_slp(*task), record),
@@ -259,7 +261,7 @@ def measure_cli(op: str, store: ArtifactStore, data: str, size: int, iterations:
                     steps += [lambda: ref.measure(lambda: run_process(ref_command, env, work), record),
                               lambda: floor.measure(lambda: run_process([sys.executable, "-c", "pass"], env, work),
                                                     record)]
-            for step in in_turn(steps, i):
+            for step in in_turn(steps, i - warmup):
                 step()
     finally:
         if server_dir:

@@ -5,7 +5,7 @@ process, and the ``cli_*`` operations as whole ``slp`` processes (:mod:`.cli_ops
 Test data is generated before any timing; each iteration of an upload gets fresh
 bytes (16 random bytes rewritten at the head of the file, outside the timer) so
 that nothing is deduplicated. Iterations alternate slp and the reference tool so
-that drift in the machine affects both alike, each going first every other iteration.
+that drift in the machine affects both alike, each going first in turn (:func:`in_turn`).
 """
 
 from __future__ import annotations
@@ -57,6 +57,26 @@ def reset_peak_rss() -> None:
         pass
 
 
+_JOB_PEAK = [0.0]  # MiB: the job's peak before the last reset_for_step
+
+
+def reset_for_step() -> None:
+    """Before a timed step: note the job's peak so far, hand the heap memory freed
+    since back to the system (glibc keeps it otherwise: boto3's threads' arenas would
+    count as the next step's), and reset the peak to what is resident now."""
+    _JOB_PEAK[0] = max(_JOB_PEAK[0], peak_rss_mib() or 0.0)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_rss()
+
+
+def job_peak_rss_mib() -> float | None:
+    """This job's peak RSS, the steps' resets notwithstanding."""
+    return max(_JOB_PEAK[0], peak_rss_mib() or 0.0) or None
+
+
 def peak_rss_mib() -> float | None:
     try:
         with open("/proc/self/status") as f:
@@ -80,10 +100,12 @@ class ProcessUsage:
 
 class Series:
     """Timings of one tool: seconds per successful iteration, errors by type, and the
-    peak RSS of each recorded run (``rss_mib``): the process's, for a tool run as one."""
+    peak RSS of each recorded run (``rss_mib``): the process's, for a tool run as one;
+    for slp's steps in this process (``in_this_process``), this process's."""
 
-    def __init__(self, tool: str, size: int):
+    def __init__(self, tool: str, size: int, in_this_process: bool = False):
         self.tool, self.size = tool, size
+        self.in_this_process = in_this_process
         self.seconds: list[float] = []
         self.errors: Counter[str] = Counter()
         self.first_error: str | None = None
@@ -92,11 +114,12 @@ class Series:
     def measure(self, fn: Callable[[], object], record: bool) -> None:
         """Time ``fn`` (wall clock); keep the time only for a recorded iteration. When
         ``fn`` returns a :class:`ProcessUsage` (:func:`.cli_ops.run_process`), its own
-        time and peak RSS; otherwise this process's peak RSS while ``fn`` ran (the peak is
-        reset first: a reference run in this process, boto3's transfer manager, is not
-        counted as slp's)."""
+        time and peak RSS; for a series ``in_this_process``, this process's peak RSS while
+        ``fn`` ran (:func:`reset_for_step` first: what a reference run in this process,
+        boto3's transfer manager, held is not slp's)."""
         try:
-            reset_peak_rss()
+            if self.in_this_process:
+                reset_for_step()
             t0 = time.perf_counter()
             got = fn()
             took = time.perf_counter() - t0
@@ -109,7 +132,7 @@ class Series:
             if isinstance(got, ProcessUsage):  # spawn to exit, without opening its output files
                 took = got.seconds
                 self.rss_mib.append(got.peak_rss_mib)
-            elif (peak := peak_rss_mib()) is not None:
+            elif self.in_this_process and (peak := peak_rss_mib()) is not None:
                 self.rss_mib.append(peak)
             self.seconds.append(took)
 
@@ -153,6 +176,7 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
     store.backend.ensure_writable()  # the reference writes beside the store (an S3 bucket must exist)
     work = tempfile.mkdtemp(prefix="slp-bench-", dir=workdir)
     reset_peak_rss()
+    _JOB_PEAK[0] = 0.0
     try:
         data = os.path.join(work, "data.bin")
         make_data(data, size)
@@ -176,18 +200,17 @@ def run_storage_bench(store: ArtifactStore, *, op: str, size_mb: float, iteratio
                 a, b = metrics["slp"]["throughput_mib_s"], metrics["reference"]["throughput_mib_s"]
                 metrics["ratio_to_reference"] = round(a / b, 3) if a and b else None
         metrics.update(extra)
-        if op in CLI_OPS:  # what a user's slp process holds, not this job's (which only waits for it)
-            metrics["peak_rss_mib"] = metrics["slp"].get("peak_rss_mib")
-            metrics["job_peak_rss_mib"] = peak_rss_mib()
-        else:  # slp's steps' (the reference's, in this process too, apart)
-            metrics["peak_rss_mib"] = metrics["slp"].get("peak_rss_mib", peak_rss_mib())
+        # What a user's slp process holds (a CLI op's; in-process, slp's steps' alone), not
+        # this job's, which also ran the reference or only waited for slp's processes.
+        metrics["peak_rss_mib"] = metrics["slp"].get("peak_rss_mib")
+        metrics["job_peak_rss_mib"] = job_peak_rss_mib()
         return metrics
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def _measure(op, store, data, size, iterations, warmup, reference, work, min_seconds=0.0, max_iterations=50):
-    ours = Series(f"slp {store.backend.name}", size)
+    ours = Series(f"slp {store.backend.name}", size, in_this_process=True)
     ref_tool = reference_for(store.backend) if reference and op in ("upload", "download", "roundtrip") else None
     ref = Series(ref_tool.name, size) if ref_tool else (Series("b3sum", size) if reference and op == "hash" else None)
     counter = iter(range(1_000_000))
@@ -206,20 +229,23 @@ def _measure(op, store, data, size, iterations, warmup, reference, work, min_sec
         stored_oid = store.put(data, BLOB).oid
         if ref_tool:
             ref_tool.upload(data)
+    turns = 2 if ref is not None else 1  # steps per iteration (the cache op's reference comes at the end)
     try:
         for i in range(warmup + max_iterations):
             record = i >= warmup
-            # More only while slp works: a failing one is not timed again and again.
-            if record and ours.runs() >= iterations and (sum(ours.seconds) >= min_seconds or ours.errors):
+            # More only while slp works: a failing one is not timed again and again. Whole
+            # rounds of turns, so that each tool went first as often as the other.
+            if (record and ours.runs() >= iterations and (sum(ours.seconds) >= min_seconds or ours.errors)
+                    and (i - warmup) % turns == 0):
                 break
             if op == "cache":
                 if cold is None:  # one cold get, then warm gets of the same artifact (stat-validated hits)
-                    cold = Series("slp cold get (download)", size)
+                    cold = Series("slp cold get (download)", size, in_this_process=True)
                     cold.measure(lambda: warm_cache.get(store, BLOB, stored_oid), True)
                 steps = [lambda: ours.measure(lambda: warm_cache.get(store, BLOB, stored_oid), record)]
             else:
                 steps = _steps(op, store, data, stored_oid, ours, ref, ref_tool, record, work, fresh_cache, cleanup)
-            for step in in_turn(steps, i):
+            for step in in_turn(steps, i - warmup):
                 step()
         if op == "cache":
             ours.tool = "slp warm get (stat-validated hit)"
@@ -243,8 +269,8 @@ def in_turn(steps: list, i: int) -> list:
 
 
 def _steps(op, store, data, stored_oid, ours, ref, ref_tool, record, work, fresh_cache, cleanup) -> list[Callable[[], None]]:
-    """One iteration of ``op``: slp's timed step, then the reference's (if any), each
-    with its own untimed set-up and clean-up."""
+    """One iteration of ``op``: slp's timed step and the reference's (if any), each with
+    its own untimed set-up and clean-up, in the order :func:`in_turn` then gives them."""
 
     def upload() -> None:
         refresh_head(data)  # new bytes: nothing is deduplicated
