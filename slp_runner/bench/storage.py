@@ -77,11 +77,12 @@ def job_peak_rss_mib() -> float | None:
     return max(_JOB_PEAK[0], peak_rss_mib() or 0.0) or None
 
 
-def peak_rss_mib() -> float | None:
+def peak_rss_mib(field: str = "VmHWM") -> float | None:
+    """This process's peak RSS (``VmRSS``: what is resident now), MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -110,6 +111,7 @@ class Series:
         self.errors: Counter[str] = Counter()
         self.first_error: str | None = None
         self.rss_mib: list[float] = []
+        self.rss_growth_mib: list[float] = []  # in this process: the peak less what was resident before
 
     def measure(self, fn: Callable[[], object], record: bool) -> None:
         """Time ``fn`` (wall clock); keep the time only for a recorded iteration. When
@@ -118,8 +120,10 @@ class Series:
         ``fn`` ran (:func:`reset_for_step` first: what a reference run in this process,
         boto3's transfer manager, held is not slp's)."""
         try:
+            resident = None
             if self.in_this_process:
                 reset_for_step()
+                resident = peak_rss_mib("VmRSS")
             t0 = time.perf_counter()
             got = fn()
             took = time.perf_counter() - t0
@@ -134,6 +138,8 @@ class Series:
                 self.rss_mib.append(got.peak_rss_mib)
             elif self.in_this_process and (peak := peak_rss_mib()) is not None:
                 self.rss_mib.append(peak)
+                if resident is not None:
+                    self.rss_growth_mib.append(max(0.0, peak - resident))
             self.seconds.append(took)
 
     def runs(self) -> int:
@@ -155,6 +161,7 @@ class Series:
             "errors": dict(self.errors),
             **({"first_error": self.first_error} if self.first_error else {}),
             **({"peak_rss_mib": round(max(self.rss_mib), 1)} if self.rss_mib else {}),
+            **({"peak_rss_growth_mib": round(max(self.rss_growth_mib), 1)} if self.rss_growth_mib else {}),
         }
 
 

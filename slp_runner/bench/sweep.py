@@ -197,6 +197,10 @@ def write_summary(sweep_dir: str, defaults: dict[str, Any] | None = None) -> lis
                      "(above 1: slp faster), slp through its resident server; own_process_p50_ms = slp in its own process "
                      "(SLP_SERVER=off, a first command); peak_rss_mib = the slp process's or its server worker's"
                      + (f"; floor_p50_ms: {', '.join(floors)}." if floors else "."))
+    if len(processes) < len(rows):
+        lines.append("In-process ops: peak_rss_mib = this job's process while slp's steps ran; it holds Hydra and, "
+                     "on S3, the reference's boto3 too (result.json: peak_rss_growth_mib, what slp's step added; "
+                     "benchmarks.store_throughput measures a put or get in a process of its own).")
     lines += ["overrides: the job's own, besides backend, bench.op, bench.size_mb and those every job shares"
               + (f" ({' '.join(sorted(shared))})." if shared else "."),
               "error: why a failed job failed (whole in summary.csv)."]
