@@ -622,9 +622,9 @@ class _SentReader:
 
     Each read fills one reused buffer and hands out a view of it: urllib3's request()
     sends each block (``body_to_chunks``) before it reads the next, so the bytes sent
-    are the bytes hashed, with no
-    new 1 MiB object per block (about 10 ms less client CPU per 256 MiB, which shows in
-    the wall time when the filer on the same machine keeps both cores busy)."""
+    are the bytes hashed, with no new 1 MiB object per block (about 10 ms less client
+    CPU per 256 MiB, which shows in the wall time when the filer on the same machine
+    keeps both cores busy)."""
 
     def __init__(self, path, size, callback, hasher=None, proceed=None):
         self._path = path

@@ -77,8 +77,12 @@ def job_peak_rss_mib() -> float | None:
     return max(_JOB_PEAK[0], peak_rss_mib() or 0.0) or None
 
 
-def peak_rss_mib(field: str = "VmHWM") -> float | None:
-    """This process's peak RSS (``VmRSS``: what is resident now), MiB."""
+def peak_rss_mib() -> float | None:
+    return _status_mib("VmHWM")
+
+
+def _status_mib(field: str) -> float | None:
+    """A size from /proc/self/status (VmHWM: the peak RSS; VmRSS: resident now), MiB."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -123,7 +127,7 @@ class Series:
             resident = None
             if self.in_this_process:
                 reset_for_step()
-                resident = peak_rss_mib("VmRSS")
+                resident = _status_mib("VmRSS")
             t0 = time.perf_counter()
             got = fn()
             took = time.perf_counter() - t0
