@@ -200,11 +200,12 @@ def _region(value: Any) -> str | None:
 
 
 def local_backend(root: str, **_: Any) -> Backend:
-    """The embedded default: a folder on this machine, through fsspec's LocalFileSystem."""
-    from fsspec.implementations.local import LocalFileSystem
+    """The embedded default: a folder on this machine, through fsspec's LocalFileSystem
+    (whose put reports its progress: :mod:`.local`)."""
+    from .local import ReportingLocalFileSystem
 
     root = os.path.abspath(os.path.expanduser(root))
-    fs = LocalFileSystem(auto_mkdir=True)
+    fs = ReportingLocalFileSystem(auto_mkdir=True)
     return Backend("local", fs, root, root, local_paths=True)
 
 
