@@ -63,9 +63,12 @@ def test_a_copy_across_filesystems_goes_through_the_process(tmp_path, monkeypatc
 def test_a_local_put_with_no_one_watching_copies_as_fsspec_does(tmp_path):
     path = tmp_path / "f.bin"
     path.write_bytes(b"x" * 1000)
-    put = ArtifactStore(local_backend(root=str(tmp_path / "store"))).put(str(path), BLOB)
+    store = ArtifactStore(local_backend(root=str(tmp_path / "store")))
+    put = store.put(str(path), BLOB)
     with open(put.object_path, "rb") as f:
         assert f.read() == b"x" * 1000
+    store.fs.put_file(str(path), str(tmp_path / "plain" / "f.bin"), callback=None)  # fsspec's own callers may pass None
+    assert (tmp_path / "plain" / "f.bin").read_bytes() == b"x" * 1000
 
 
 def test_a_local_put_reported_onto_a_full_disk_fails_in_one_line_and_keeps_nothing(tmp_path, small_disk):

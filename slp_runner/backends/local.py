@@ -20,7 +20,7 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, er
 class ReportingLocalFileSystem(LocalFileSystem):
     def put_file(self, path1, path2, callback=DEFAULT_CALLBACK, **kwargs):
         path1, path2 = self._strip_protocol(path1), self._strip_protocol(path2)
-        if callback is DEFAULT_CALLBACK or not os.path.isfile(path1):
+        if callback is None or callback is DEFAULT_CALLBACK or not os.path.isfile(path1):
             return self.cp_file(path1, path2, **kwargs)
         if self.auto_mkdir:
             self.makedirs(self._parent(path2), exist_ok=True)
