@@ -100,9 +100,14 @@ def build_store(cfg: DictConfig) -> ArtifactStore:
     from .hash_memo import MEMO_DIR, HashMemo
     from .store import ArtifactStore
 
-    memo = HashMemo(os.path.join(os.path.abspath(os.path.expanduser(cfg.cache_dir)), MEMO_DIR))
+    memo = HashMemo(os.path.join(_cache_root(cfg), MEMO_DIR))
     return ArtifactStore(build_backend(cfg), verify_upload=cfg.verify_upload, verify_existing=cfg.verify_existing,
                          hash_ahead=cfg.hash_ahead, hash_memo=memo)
+
+
+def _cache_root(cfg: DictConfig) -> str:
+    """The local cache's folder (``cache_dir``), where the put memo lives too."""
+    return os.path.abspath(os.path.expanduser(cfg.cache_dir))
 
 
 def open_cache(cfg: DictConfig) -> LocalCache:
@@ -110,7 +115,7 @@ def open_cache(cfg: DictConfig) -> LocalCache:
     from .cache_lru import parse_size
 
     section = cfg.get("cache") or {}
-    root = os.path.abspath(os.path.expanduser(cfg.cache_dir))
+    root = _cache_root(cfg)
     return LocalCache(root, max_size=parse_size(section.get("max_size"), root), runs_dir=cfg.runner.runs_dir,
                       keep_runs=section.get("keep_runs"))
 
